@@ -1,0 +1,17 @@
+"""The one exception type users see.
+
+Every problem a user can fix (a wrong path, a model name typo, data that does not match the model)
+is raised as :class:`PosthocError` with a single line that names the problem and the fix. The CLI
+prints that line and exits with status 2; library callers can catch it like any exception.
+"""
+
+from __future__ import annotations
+
+
+class PosthocError(Exception):
+    """A user-facing error: one line naming the problem and how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))

@@ -1,0 +1,79 @@
+"""Devices, dtypes, seeds and progress bars shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+
+from .errors import PosthocError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+T = TypeVar("T")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PosthocError("CUDA was requested (--device cuda) but no CUDA GPU is available; use --device cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise PosthocError(f"unknown device '{name}'; use auto, cpu or cuda")
+
+
+def resolve_dtype(name: str = "float32") -> torch.dtype:
+    """``float32`` | ``float16`` | ``bfloat16`` as a torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise PosthocError(f"unknown dtype '{name}'; use {', '.join(DTYPES)}") from None
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision for inference: float16 on CUDA, bfloat16 on CPU; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (CPU and CUDA)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def progress(iterable: Iterable[T], total: int | None = None, description: str = "", enabled: bool = True) -> Iterator[T]:
+    """A rich progress bar over ``iterable`` (silent when ``enabled`` is false)."""
+    if not enabled:
+        yield from iterable
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            bar.advance(task)
