@@ -10,7 +10,9 @@ Typical use::
 
 __version__ = "0.1.0"
 
+from .artifact import load, save  # noqa: E402
+from .ensemble import Combine, Ensemble, MemberGroup  # noqa: E402
 from .errors import PosthocError  # noqa: E402
 from .sources import load_model  # noqa: E402
 
-__all__ = ["PosthocError", "load_model", "__version__"]
+__all__ = ["Combine", "Ensemble", "MemberGroup", "PosthocError", "load", "load_model", "save", "__version__"]

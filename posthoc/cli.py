@@ -171,6 +171,116 @@ def _print_result(result: dict[str, Any]) -> None:
     console.print(table)
 
 
+# ------------------------------------------------------------------------------------ ensemble
+@app.command("ensemble")
+def ensemble_command(
+    models: Annotated[list[str], typer.Argument(help="Two or more model specs of one label space.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write.")],
+    combine: Annotated[str, typer.Option("--combine", help="prob_mean, logit_mean or vote.")] = "prob_mean",
+    arch: ArchOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+):
+    """Build a deep-ensemble artifact from several checkpoints (members may differ in architecture)."""
+    from .artifact import save
+    from .ensemble import Combine, Ensemble
+    from .sources import is_artifact, load_model
+
+    if len(models) < 2:
+        raise PosthocError("an ensemble needs at least two models")
+    if combine == "coupling":
+        raise PosthocError("the coupling rule needs training; use 'posthoc boost ... --method supernet'")
+    if out.exists() and not overwrite:
+        raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
+    nets = []
+    for spec in models:
+        if is_artifact(spec):
+            raise PosthocError(f"{spec} is already an ensemble artifact; pass the checkpoints it was built from")
+        nets.append(load_model(spec, arch=arch))
+    _check_label_space(models, nets)
+    names = [_member_name(s) for s in models]
+    ens = Ensemble.from_models(
+        nets, names=names, combine=Combine(rule=combine, include_parent=True), method="ensemble",
+        method_config={"combine": combine}, sources=list(models), command=_command_line(),
+    )
+    save(ens, out, overwrite=overwrite)
+    console.print(f"wrote {out} ({ens.num_members} members, {len(ens.groups)} architecture group(s))")
+
+
+def _check_label_space(specs: list[str], nets: list) -> None:
+    first = nets[0]
+    for spec, net in zip(specs[1:], nets[1:]):
+        if net.num_classes != first.num_classes:
+            raise PosthocError(f"{spec} predicts {net.num_classes} classes but {specs[0]} predicts {first.num_classes}; members must share a label space")
+        a, b = first.pretrained_cfg.get("label_names"), net.pretrained_cfg.get("label_names")
+        if a and b and list(a) != list(b):
+            raise PosthocError(f"{spec} orders its classes differently from {specs[0]}; members must share a label space")
+
+
+def _member_name(spec: str) -> str:
+    name = Path(spec.removeprefix("local-dir:").removeprefix("hf-hub:").rstrip("/")).name
+    return name or spec
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "posthoc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------------- info
+@app.command("info")
+def info_command(artifact: Annotated[Path, typer.Argument(help="An artifact directory.")]):
+    """Show an artifact's members, method, what is shared, sizes and stored metrics."""
+    from .artifact import read_config, size_mb
+
+    config = read_config(artifact)
+    method = config["method"]
+    combine = config["combine"]
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("artifact", str(artifact))
+    table.add_row("method", method["name"])
+    table.add_row("members", f"{config['num_members']}: " + ", ".join(m["name"] for m in config["members"]))
+    rule = combine["rule"] + (f" (temperature {combine['temperature']:.3g})" if combine.get("temperature", 1) != 1 else "")
+    table.add_row("combine", rule + (", parent included" if combine.get("include_parent") else ""))
+    table.add_row("classes", str(config["num_classes"]))
+    for g, group in enumerate(config["groups"]):
+        stacked = group["member_tensors"]
+        total = group["shared_numel"] + group["member_numel"] // max(len(group["members"]), 1)
+        share = 100.0 * group["shared_numel"] / max(total, 1)
+        table.add_row(
+            f"group {g}",
+            f"{group['timm_config']['architecture']} x{len(group['members'])}: {len(group['shared_tensors'])} tensors shared "
+            f"({group['shared_numel'] / 1e6:.2f}M elements, {share:.0f}% of a member), {len(stacked)} member-specific "
+            f"({group['member_numel'] / 1e6:.2f}M elements in all)",
+        )
+        if stacked:
+            table.add_row("", "member-specific: " + _summarize(stacked))
+    stored = sum(g["shared_numel"] + g["member_numel"] for g in config["groups"])
+    table.add_row("stored elements", f"{stored / 1e6:.2f}M")
+    table.add_row("size on disk", f"{size_mb(artifact):.1f} MB")
+    meta = config["posthoc"]
+    table.add_row("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}")
+    if method.get("config"):
+        table.add_row("hyper-parameters", ", ".join(f"{k}={v}" for k, v in method["config"].items()))
+    for split, metrics in (config.get("metrics") or {}).items():
+        if isinstance(metrics, dict):
+            table.add_row(f"metrics ({split})", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+    console.print(table)
+
+
+def _summarize(names: list[str], limit: int = 6) -> str:
+    """Tensor names grouped by their module prefix, e.g. 'layer4.* (30), fc.* (2)'."""
+    groups: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        groups[key] = groups.get(key, 0) + 1
+    items = [f"{k}.* ({v})" for k, v in groups.items()]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status; :class:`PosthocError` becomes one line and status 2."""

@@ -91,7 +91,7 @@ def evaluate(
         "top1_err": round(100 - m["top1"], 4),
         "top5": round(m["top5"], 4),
         "top5_err": round(100 - m["top5"], 4),
-        "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "param_count": round(_num_parameters(model) / 1e6, 2),
         "img_size": data_config["input_size"][-1] if data_config else None,
         "crop_pct": data_config.get("crop_pct") if data_config else None,
         "interpolation": data_config.get("interpolation") if data_config else None,
@@ -106,6 +106,11 @@ def evaluate(
         result.update({k: round(v, 4) for k, v in ens_metrics.compute().items()})
     result["reliability"] = metrics.reliability()
     return result
+
+
+def _num_parameters(model: nn.Module) -> int:
+    counter = getattr(model, "num_parameters", None)
+    return counter() if callable(counter) else sum(p.numel() for p in model.parameters())
 
 
 def write_results(result: dict[str, Any], path: str | Path) -> None:

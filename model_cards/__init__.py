@@ -1,0 +1,1 @@
+"""Model card templates for posthoc artifacts (rendered by :mod:`posthoc.card`)."""

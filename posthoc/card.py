@@ -1,0 +1,79 @@
+"""Hub model cards for artifacts, rendered from the templates in ``model_cards/``."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from string import Template
+from typing import Any
+
+METHOD_TEXT = {
+    "ensemble": "A deep ensemble: independently obtained checkpoints of one label space, combined as they are.",
+}
+
+
+def register_method_text(name: str, text: str) -> None:
+    """Let a method describe itself in the cards of the artifacts it builds."""
+    METHOD_TEXT[name] = text
+
+
+def render_card(config: dict[str, Any], template: str = "ensemble.md") -> str:
+    """Render the model card of an artifact from its ``config.json`` dict."""
+    text = resources.files("posthoc.model_cards").joinpath(template).read_text()
+    cfg = config.get("pretrained_cfg", {})
+    combine = config["combine"]
+    meta = config["posthoc"]
+    sources = config.get("sources") or []
+    names = [m["name"] for m in config["members"]]
+    shared = sum(g["shared_numel"] for g in config["groups"])
+    member = sum(g["member_numel"] for g in config["groups"])
+    hub_sources = [s.split(":", 1)[1] for s in sources if s.startswith("hf-hub:")]
+    rule_text = {
+        "prob_mean": " (softmax of each member, then the mean)",
+        "logit_mean": " (mean of the members' logits, then softmax)",
+        "vote": " (fraction of members voting for each class)",
+        "coupling": " (a learned linear layer over the members' concatenated penultimate features)",
+    }[combine["rule"]]
+    if combine.get("temperature", 1.0) != 1.0:
+        rule_text += f", temperature {combine['temperature']:.3g}"
+    if combine.get("include_parent"):
+        rule_text += "; the parent model is one of the members"
+    values = {
+        "license": cfg.get("license", "other"),
+        "method": config["method"]["name"],
+        "base_models": ("base_model:\n" + "".join(f"- {s}\n" for s in hub_sources)).rstrip() if hub_sources else "",
+        "title": f"{config['method']['name']} ensemble of {config['groups'][0]['timm_config']['architecture']}",
+        "num_members": config["num_members"],
+        "num_classes": config["num_classes"],
+        "source_text": ", ".join(f"`{s}`" for s in sources) if sources else "its members",
+        "method_text": METHOD_TEXT.get(config["method"]["name"], ""),
+        "member_list": ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""),
+        "rule": combine["rule"],
+        "rule_text": rule_text,
+        "stored_text": f"{shared / 1e6:.2f}M shared elements stored once, {member / 1e6:.2f}M member-specific elements",
+        "metrics_table": _metrics_table(config.get("metrics") or {}),
+        "load_path": "PATH_OR_REPO",
+        "input_size": tuple(cfg.get("input_size", ())),
+        "interpolation": cfg.get("interpolation", "?"),
+        "crop_pct": cfg.get("crop_pct", "?"),
+        "mean": tuple(cfg.get("mean", ())),
+        "std": tuple(cfg.get("std", ())),
+        "command_text": f"```bash\n{config['command']}\n```" if config.get("command") else "Built with the posthoc Python API.",
+        "method_config": json.dumps(config["method"].get("config", {}), indent=2),
+        "posthoc_version": meta.get("posthoc_version"),
+        "torch_version": meta.get("torch_version"),
+        "timm_version": meta.get("timm_version"),
+    }
+    return Template(text).safe_substitute(values).replace("\n\n\n", "\n\n")
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    rows = [(split, m) for split, m in metrics.items() if isinstance(m, dict)]
+    if not rows:
+        return "No metrics were recorded at build time. Run `posthoc eval` on held-out data."
+    keys = [("top1", "top-1 (%)"), ("nll", "NLL"), ("ece", "ECE (%)"), ("brier", "Brier")]
+    lines = ["| data | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for split, m in rows:
+        cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "" for k, _ in keys]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""The ensemble representation every method produces.
+
+An :class:`Ensemble` is a list of member *groups* plus a combine rule. A group holds members of one
+architecture (one timm config): the tensors all its members share, stored once, and the tensors that
+differ, stacked with a leading member dimension. A method that perturbs only the classifier of one
+parent produces one group whose stacked tensors are just ``fc.weight`` and ``fc.bias``; a deep ensemble
+of four independently trained checkpoints produces one group in which every tensor is stacked; members
+of different architectures form one group each.
+
+The combine rule turns per-member outputs into class probabilities:
+
+- ``prob_mean`` (default): softmax each member's logits, then average (the rule most ensemble papers
+  state; the subnetwork thesis's prose uses it while its pseudo-code averages logits);
+- ``logit_mean``: average the logits, then softmax;
+- ``vote``: the fraction of members whose top-1 is each class (hard majority vote);
+- ``coupling``: a learned linear layer over the members' concatenated penultimate features (the
+  SuperNet merge), softmax of its output.
+
+``temperature`` divides the logits before the softmax (1 = none), so calibration fitted on validation
+data travels with the artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import PosthocError
+
+COMBINE_RULES = ("prob_mean", "logit_mean", "vote", "coupling")
+
+
+@dataclass
+class Combine:
+    """How member outputs become the ensemble's class probabilities."""
+
+    rule: str = "prob_mean"
+    temperature: float = 1.0
+    include_parent: bool = False
+    coupling_weight: torch.Tensor | None = None  # (C, sum of member feature sizes)
+    coupling_bias: torch.Tensor | None = None  # (C,)
+
+    def __post_init__(self):
+        if self.rule not in COMBINE_RULES:
+            raise PosthocError(f"unknown combine rule '{self.rule}'; use {', '.join(COMBINE_RULES)}")
+        if self.rule == "coupling" and self.coupling_weight is None:
+            raise PosthocError("the coupling rule needs a coupling layer (weight and bias)")
+        if not self.temperature > 0:
+            raise PosthocError(f"temperature must be positive, got {self.temperature}")
+
+    def to_config(self) -> dict[str, Any]:
+        return {"rule": self.rule, "temperature": self.temperature, "include_parent": self.include_parent}
+
+
+@dataclass
+class MemberGroup:
+    """Members of one architecture: shared tensors once, differing tensors stacked (K, ...)."""
+
+    timm_config: dict[str, Any]
+    member_names: list[str]
+    shared: dict[str, torch.Tensor]
+    stacked: dict[str, torch.Tensor]
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_names)
+
+    @property
+    def architecture(self) -> str:
+        return self.timm_config["architecture"]
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """The full state dict of member ``k`` (shared tensors are not copied)."""
+        state = dict(self.shared)
+        state.update({name: t[k] for name, t in self.stacked.items()})
+        return state
+
+    def stored_numel(self) -> tuple[int, int]:
+        """(elements stored once, elements stored per member summed over members)."""
+        return sum(t.numel() for t in self.shared.values()), sum(t.numel() for t in self.stacked.values())
+
+    @classmethod
+    def from_state_dicts(
+        cls, timm_config: dict[str, Any], state_dicts: Sequence[dict[str, torch.Tensor]], names: Sequence[str]
+    ) -> "MemberGroup":
+        """Split member state dicts into shared (bitwise equal in every member) and stacked tensors."""
+        if not state_dicts:
+            raise PosthocError("an ensemble needs at least one member")
+        keys = list(state_dicts[0])
+        for sd, name in zip(state_dicts, names):
+            if list(sd) != keys:
+                raise PosthocError(f"member '{name}' has different tensors than '{names[0]}'; members of a group must share an architecture")
+        shared, stacked = {}, {}
+        for key in keys:
+            first = state_dicts[0][key]
+            if all(sd[key] is first or torch.equal(sd[key], first) for sd in state_dicts[1:]):
+                shared[key] = first.detach().clone()
+            else:
+                stacked[key] = torch.stack([sd[key].detach() for sd in state_dicts])
+        return cls(dict(timm_config), list(names), shared, stacked)
+
+
+@dataclass
+class Ensemble:
+    """Member groups, a combine rule, and what built them (method, hyper-parameters, metrics)."""
+
+    groups: list[MemberGroup]
+    combine: Combine = field(default_factory=Combine)
+    method: str = "ensemble"
+    method_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+
+    def __post_init__(self):
+        classes = {g.timm_config.get("num_classes") for g in self.groups}
+        if len(classes) != 1:
+            raise PosthocError(f"members disagree on the number of classes ({sorted(map(str, classes))}); ensemble checkpoints of one label space")
+        if self.combine.rule == "coupling":
+            expected = (self.num_classes, sum(self.feature_dims()))
+            got = tuple(self.combine.coupling_weight.shape)
+            if got != expected:
+                raise PosthocError(f"coupling layer has shape {got} but the members need {expected}")
+
+    @property
+    def num_members(self) -> int:
+        return sum(g.num_members for g in self.groups)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.groups[0].timm_config["num_classes"])
+
+    @property
+    def member_names(self) -> list[str]:
+        return [n for g in self.groups for n in g.member_names]
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """Preprocessing of the first group (all members are fed the same images)."""
+        return dict(self.groups[0].timm_config.get("pretrained_cfg", {}))
+
+    def feature_dims(self) -> list[int]:
+        """Penultimate feature size of each member, in member order."""
+        dims = []
+        for g in self.groups:
+            d = g.timm_config.get("num_features")
+            if d is None:
+                d = _build(g).num_features
+            dims += [int(d)] * g.num_members
+        return dims
+
+    def members(self) -> list[nn.Module]:
+        """Every member as a plain timm model in eval mode (for loops, tests and export)."""
+        out = []
+        for g in self.groups:
+            for k in range(g.num_members):
+                m = _build(g)
+                m.load_state_dict(g.member_state_dict(k))
+                out.append(m.eval())
+        return out
+
+    def stored_numel(self) -> int:
+        """Elements stored in the artifact: shared tensors once, member tensors per member, coupling."""
+        n = sum(sum(g.stored_numel()) for g in self.groups)
+        if self.combine.coupling_weight is not None:
+            n += self.combine.coupling_weight.numel() + self.combine.coupling_bias.numel()
+        return n
+
+    @classmethod
+    def from_models(
+        cls,
+        models: Sequence[nn.Module],
+        names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> "Ensemble":
+        """Group models by architecture (their timm config) and split shared from differing tensors."""
+        from .sources import timm_config
+
+        names = list(names or [f"member-{i}" for i in range(len(models))])
+        if len(names) != len(models):
+            raise PosthocError("give one name per member")
+        by_arch: dict[str, list[int]] = {}
+        configs = []
+        for i, m in enumerate(models):
+            cfg = timm_config(m)
+            configs.append(cfg)
+            key = repr((cfg["architecture"], sorted(cfg.get("model_args", {}).items())))
+            by_arch.setdefault(key, []).append(i)
+        groups = [
+            MemberGroup.from_state_dicts(configs[idx[0]], [models[i].state_dict() for i in idx], [names[i] for i in idx])
+            for idx in by_arch.values()
+        ]
+        return cls(groups=groups, **kwargs)
+
+
+def _build(group: MemberGroup) -> nn.Module:
+    from .sources import build_from_timm_config
+
+    return build_from_timm_config(group.timm_config)

@@ -1,0 +1,293 @@
+"""Fused inference: one ``nn.Module`` that runs K members, computing what they share once.
+
+Each :class:`~posthoc.ensemble.MemberGroup` runs in a :class:`GroupExecutor`:
+
+1. The members' common network is traced with ``torch.fx`` (with timm's own list of untraceable
+   modules and functions) and cut in two: the **shared prefix**, every operation that does not depend
+   on a member-specific tensor, and the **member suffix**, everything downstream of one. The prefix runs
+   once per batch. For members that differ only in the classifier, the prefix is the whole trunk.
+2. The suffix runs for all K members with ``torch.func.functional_call``, either batched in one pass
+   (``vmap``: member tensors batched, the prefix's outputs unbatched; convolutions become grouped
+   convolutions), or member after member (``loop``). ``auto`` picks ``vmap`` on CUDA, where one wide
+   kernel beats K small launches, and ``loop`` on CPU, where PyTorch's grouped convolutions are slower
+   than K plain ones (measured in ``benchmarks/inference.py``).
+
+A model that ``torch.fx`` cannot trace runs whole under ``vmap``, which still computes operations on
+unbatched inputs only once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .ensemble import Ensemble, MemberGroup
+from .errors import PosthocError
+
+_logger = logging.getLogger(__name__)
+STRATEGIES = ("auto", "vmap", "loop")
+
+
+class EnsembleModule(nn.Module):
+    """An ensemble as one module: ``forward(x)`` returns class probabilities of shape (B, C).
+
+    ``forward(x, return_members=True)`` returns ``(probs, member_probs)`` with ``member_probs`` of
+    shape (K, B, C): each member's own softmax (for a ``coupling`` ensemble, of the member's own
+    classifier). The module carries ``pretrained_cfg`` (preprocessing, timm's convention),
+    ``num_classes``, ``num_members``, ``member_names`` and, once loaded from disk, ``posthoc_config``.
+
+    ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA, ``loop`` on
+    CPU), ``vmap`` or ``loop``; shared layers always run once.
+    """
+
+    returns_probabilities = True
+
+    def __init__(self, ensemble: Ensemble, strategy: str = "auto"):
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise PosthocError(f"unknown execution strategy '{strategy}'; use {', '.join(STRATEGIES)}")
+        self.strategy = strategy
+        self.executors = nn.ModuleList([GroupExecutor(g) for g in ensemble.groups])
+        self.rule = ensemble.combine.rule
+        self.temperature = float(ensemble.combine.temperature)
+        self.num_members = ensemble.num_members
+        self.num_classes = ensemble.num_classes
+        self.member_names = ensemble.member_names
+        self.pretrained_cfg = ensemble.pretrained_cfg
+        self.default_cfg = self.pretrained_cfg
+        self.posthoc_config: dict[str, Any] = {}
+        self.coupling = None
+        if self.rule == "coupling":
+            w = ensemble.combine.coupling_weight
+            self.coupling = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                self.coupling.weight.copy_(w)
+                self.coupling.bias.copy_(ensemble.combine.coupling_bias)
+            self.coupling.requires_grad_(False)
+
+    def num_parameters(self) -> int:
+        """Parameters stored: shared ones once, member-specific ones per member, the coupling layer."""
+        total = 0 if self.coupling is None else sum(p.numel() for p in self.coupling.parameters())
+        for ex in self.executors:
+            members = ex.member_params()
+            for name, p in ex.net.named_parameters():
+                total += members[name].numel() if name in members else p.numel()
+        return total
+
+    def member_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-group penultimate features (K_g, B, D_g) and all members' logits (K, B, C)."""
+        mode = self.strategy if self.strategy != "auto" else ("vmap" if x.device.type == "cuda" else "loop")
+        feats, logits = zip(*(ex(x, mode) for ex in self.executors))
+        return list(feats), torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def forward(self, x: torch.Tensor, return_members: bool = False):
+        feats, logits = self.member_outputs(x)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.rule == "prob_mean":
+            probs = logits.softmax(-1).mean(0)
+        elif self.rule == "logit_mean":
+            probs = logits.mean(0).softmax(-1)
+        elif self.rule == "vote":
+            probs = F.one_hot(logits.argmax(-1), self.num_classes).to(logits.dtype).mean(0)
+        else:  # coupling: one learned layer over the members' concatenated features, member order
+            z = torch.cat([f.transpose(0, 1).reshape(f.shape[1], -1) for f in feats], dim=1)
+            probs = (self.coupling(z) / self.temperature).softmax(-1)
+        if return_members:
+            return probs, logits.softmax(-1)
+        return probs
+
+
+class FeaturesAndLogits(nn.Module):
+    """A timm model as ``x -> (penultimate features, logits)`` via ``forward_head(pre_logits=True)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return feats, self.model.get_classifier()(feats)
+
+
+class GroupExecutor(nn.Module):
+    """Runs one group's K members: shared prefix once, member suffix batched or looped.
+
+    Member tensors are stored stacked (K, ...) in buffers ``member_<i>``. The ``loop`` mode calls K
+    lightweight copies of the suffix whose member tensors are views into those stacks (no copies, no
+    ``functional_call`` overhead). Convolution weights are kept channels-last, which PyTorch's CPU
+    kernels run faster, and CPU inputs are converted to match.
+    """
+
+    def __init__(self, group: MemberGroup):
+        super().__init__()
+        from .sources import build_from_timm_config
+
+        model = build_from_timm_config(group.timm_config)
+        model.load_state_dict(group.member_state_dict(0))
+        self.net = FeaturesAndLogits(model.eval()).requires_grad_(False).to(memory_format=torch.channels_last)
+        self.num_members = group.num_members
+        self.names = [f"model.{n}" for n in group.stacked]
+        for i, name in enumerate(group.stacked):
+            self.register_buffer(f"member_{i}", _channels_last_stack(group.stacked[name].clone()))
+        self._point_net_at_member(0)
+        self.prefix, self.suffix, self.outputs_member, self.num_boundary = _split(self.net, set(self.names))
+        self.traced = self.prefix is not None
+        self._members: list[nn.Module] | None = None
+
+    def _point_net_at_member(self, k: int) -> None:
+        """Member-specific tensors of the skeleton become views of member ``k`` (no second copy)."""
+        for name, stacked in self.member_params().items():
+            _assign(self.net, name, stacked[k])
+
+    def member_params(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"member_{i}") for i, n in enumerate(self.names)}
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._members = None  # member views point at the old tensors; rebuilt on next use
+        self._point_net_at_member(0)
+        return result
+
+    def member_modules(self) -> list[nn.Module]:
+        """K copies of the suffix (or of the whole network when untraced) sharing all storage."""
+        if self._members is None:
+            fn = self.suffix if self.traced else self.net
+            shared = {id(t): t for t in [*fn.parameters(), *fn.buffers()]}
+            members = []
+            for k in range(self.num_members):
+                copy_k = copy.deepcopy(fn, memo=dict(shared))
+                for name, stacked in self.member_params().items():
+                    _assign(copy_k, name, stacked[k])
+                members.append(copy_k)
+            self._members = members
+        return self._members
+
+    def forward(self, x: torch.Tensor, mode: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 4 and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        params = self.member_params()
+        k = self.num_members
+        if self.traced:
+            shared = tuple(self.prefix(x))
+            fn, args = self.suffix, shared[: self.num_boundary]
+        else:
+            fn, args = self.net, (x,)
+        if not params:  # identical members
+            outs = fn(*args)
+        elif mode == "vmap":
+            outs = vmap(lambda p: functional_call(fn, p, args), randomness="error")(params)
+        else:
+            per_member = [m(*args) for m in self.member_modules()]
+            outs = tuple(torch.stack(o) for o in zip(*per_member))
+        if not self.traced:
+            return outs if params else tuple(o.expand(k, *o.shape) for o in outs)
+        # the suffix returns only member-dependent outputs; shared ones come from the prefix
+        result = []
+        for is_member, index in self.outputs_member:
+            if is_member and params:
+                result.append(outs[index])
+            else:
+                value = outs[index] if is_member else shared[index]
+                result.append(value.expand(k, *value.shape))
+        return tuple(result)
+
+
+def _channels_last_stack(t: torch.Tensor) -> torch.Tensor:
+    """Lay out stacked conv weights (K, O, I, kh, kw) so each member's slice is channels-last."""
+    if t.dim() != 5 or not t.is_floating_point():
+        return t
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+# ----------------------------------------------------------------------------------------- FX split
+def _tracer() -> fx.Tracer:
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    leaf_types = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaf_types) or super().is_leaf_module(m, qualname)
+
+    return Tracer(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+
+
+def _split(net: nn.Module, member_names: set[str]):
+    """Cut ``net``'s traced graph into a shared prefix and a member suffix.
+
+    Returns ``(prefix, suffix, outputs, num_boundary)``: ``prefix(x)`` returns the ``num_boundary``
+    shared values the suffix reads, then every shared graph output; ``suffix(*boundary)`` returns the
+    member-dependent graph outputs; ``outputs`` maps each graph output to ``(is_member, index)`` in the
+    suffix's or the prefix's result. All ``None`` when the model cannot be traced.
+    """
+    try:
+        graph = _tracer().trace(net)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "run whole under vmap"
+        _logger.info("torch.fx cannot trace %s (%s); members run whole", type(net.model).__name__, e)
+        return None, None, None, None
+    owners = {n.rsplit(".", 1)[0] for n in member_names}
+
+    def uses_member_tensor(node: fx.Node) -> bool:
+        if node.op == "get_attr":
+            return node.target in member_names or any(m.startswith(node.target + ".") for m in member_names)
+        if node.op == "call_module":
+            return node.target in owners or any(o.startswith(node.target + ".") for o in owners)
+        return False
+
+    member: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if uses_member_tensor(node) or any(a in member for a in node.all_input_nodes):
+            member.add(node)
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    results = output_node.args[0]
+    results = list(results) if isinstance(results, (tuple, list)) else [results]
+    # shared values the suffix needs, in graph order
+    boundary = [n for n in graph.nodes if n not in member and n.op != "output" and any(u in member for u in n.users)]
+
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in member or node.op == "output":
+            continue
+        env[node] = prefix_graph.node_copy(node, lambda a: env[a])
+    shared_results = [r for r in results if r not in member]
+    prefix_graph.output(tuple(env[n] for n in boundary + shared_results))
+
+    suffix_graph = fx.Graph()
+    senv: dict[fx.Node, fx.Node] = {}
+    for node in boundary:
+        senv[node] = suffix_graph.placeholder(f"shared_{node.name}")
+    for node in graph.nodes:
+        if node in member:
+            senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
+    member_results = [r for r in results if r in member]
+    suffix_graph.output(tuple(senv[n] for n in member_results))
+
+    outputs = []
+    for r in results:
+        if r in member:
+            outputs.append((True, member_results.index(r)))
+        else:
+            outputs.append((False, len(boundary) + shared_results.index(r)))
+    prefix = fx.GraphModule(net, prefix_graph, class_name="SharedPrefix")
+    suffix = fx.GraphModule(net, suffix_graph, class_name="MemberSuffix")
+    return prefix, suffix, outputs, len(boundary)
