@@ -18,7 +18,6 @@ end, so an interrupted run never leaves a half-written artifact.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -50,7 +49,7 @@ def save(ensemble: Ensemble, out: str | Path, *, overwrite: bool = False) -> Pat
     tmp.mkdir()
     try:
         tensors = _tensors(ensemble)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "posthoc_format_version": str(FORMAT_VERSION)})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a deterministic header
         config = _config(ensemble, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         from .card import render_card
@@ -172,7 +171,6 @@ def _config(ensemble: Ensemble, weights: Path) -> dict[str, Any]:
             "posthoc_version": __version__,
             "torch_version": torch.__version__,
             "timm_version": timm.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "method": {"name": ensemble.method, "config": ensemble.method_config},
         "combine": ensemble.combine.to_config(),

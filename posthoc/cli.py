@@ -171,6 +171,154 @@ def _print_result(result: dict[str, Any]) -> None:
     console.print(table)
 
 
+# --------------------------------------------------------------------------------------- boost
+@app.command(
+    "boost",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def boost_command(
+    ctx: typer.Context,
+    models: Annotated[list[str], typer.Argument(help="The parent model (several for methods that merge checkpoints).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Method name; `posthoc methods` lists them and their options.")],
+    data: DataOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default runs/<model>-<method>).")] = None,
+    train_split: Annotated[str, typer.Option("--train-split", help="Split a method may train on.")] = "train",
+    val_split: Annotated[str, typer.Option("--val-split", help="Split whose select part a method tunes and selects on.")] = "val",
+    select_size: SelectSizeOpt = None,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    show_progress: ProgressOpt = True,
+):
+    """Build an ensemble artifact from a checkpoint with a post-training method.
+
+    Method hyper-parameters are extra flags, e.g. `--target-kl 0.02 --members 8`; run
+    `posthoc methods NAME` to list them with their defaults.
+    """
+    from .boost import boost
+    from .methods import get_method
+
+    method_cls = get_method(method)
+    # click hands unknown --flags (the method's options) and their values to the MODELS argument
+    tokens = list(models) + list(ctx.args)
+    first_flag = next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens))
+    models, method_args = tokens[:first_flag], tokens[first_flag:]
+    if not models:
+        raise PosthocError("give the model to boost first: posthoc boost MODEL --method NAME --data DIR")
+    config = parse_method_flags(method_cls.Config, method_args)
+    summary = boost(
+        models, method, data, out, arch=arch, num_classes=num_classes, train_split=train_split, val_split=val_split,
+        select_size=select_size, device=device, workers=workers, overwrite=overwrite, show_progress=show_progress,
+        preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
+        log=lambda msg: console.print(msg, highlight=False), command=_command_line(), **config,
+    )
+    _print_boost_summary(summary)
+
+
+def parse_method_flags(config_cls, args: list[str]) -> dict[str, Any]:
+    """Turn ``--some-name value`` / ``--flag`` / ``--no-flag`` into typed config values."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise PosthocError(f"unexpected argument '{arg}'; method options look like --name value")
+        key, eq, inline = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in fields and _base_type(fields[name[3:]]) is bool
+        if negated:
+            values[name[3:]] = False
+            i += 1
+            continue
+        if name not in fields:
+            valid = ", ".join("--" + n.replace("_", "-") for n in fields)
+            raise PosthocError(f"unknown option --{key} for this method; it takes {valid}")
+        kind = _base_type(fields[name])
+        if kind is bool and not eq:
+            values[name] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                raise PosthocError(f"option --{key} needs a value")
+            inline, i = args[i + 1], i + 1
+        values[name] = _convert(inline, kind, key)
+        i += 1
+    return values
+
+
+def _base_type(tp):
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _convert(text: str, kind, key: str):
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if text.lower() == "none":
+            return None
+        return kind(text) if kind in (int, float, str) else text
+    except ValueError:
+        raise PosthocError(f"option --{key} expects {getattr(kind, '__name__', kind)}, got '{text}'") from None
+
+
+def _print_boost_summary(summary: dict[str, Any]) -> None:
+    ens, par = summary["ensemble"], summary["parent"]
+    table = Table(title=f"validation (select part): parent vs {summary['members']}-member ensemble")
+    table.add_column("metric")
+    table.add_column("parent", justify="right")
+    table.add_column("ensemble", justify="right")
+    for label, key, fmt in (("top-1 (%)", "top1", "{:.2f}"), ("NLL", "nll", "{:.4f}"), ("ECE (%)", "ece", "{:.2f}"), ("Brier", "brier", "{:.4f}")):
+        table.add_row(label, fmt.format(par[key]), fmt.format(ens[key]))
+    console.print(table)
+    console.print(f"wrote {summary['out']} in {summary['seconds']:.0f} s; report on held-out data with "
+                  f"`posthoc eval {summary['out']} --data DATA --split val:report`", highlight=False)
+
+
+@app.command("methods")
+def methods_command(name: Annotated[Optional[str], typer.Argument(help="Show one method's options.")] = None):
+    """List the ensembling methods, or one method's options with their defaults."""
+    import dataclasses
+
+    from .methods import get_method, list_methods
+
+    names = [name] if name else list_methods()
+    for n in names:
+        cls = get_method(n)
+        console.print(f"[bold]{n}[/]: {cls.summary}")
+        if name:
+            table = Table(show_header=True, box=None)
+            table.add_column("option")
+            table.add_column("default", justify="right")
+            table.add_column("meaning")
+            for f in dataclasses.fields(cls.Config):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                table.add_row("--" + f.name.replace("_", "-"), str(default), f.metadata.get("help", ""))
+            console.print(table)
+
+
 # ------------------------------------------------------------------------------------ ensemble
 @app.command("ensemble")
 def ensemble_command(

@@ -207,6 +207,7 @@ def make_loader(
     Shuffling uses a generator seeded with ``seed``, so the same seed gives the same batch order.
     """
     workers = default_workers() if workers is None else workers
+    drop_last = drop_last and len(dataset) > batch_size  # never drop the only batch of a small set
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -138,7 +138,7 @@ class GroupExecutor(nn.Module):
         for i, name in enumerate(group.stacked):
             self.register_buffer(f"member_{i}", _channels_last_stack(group.stacked[name].clone()))
         self._point_net_at_member(0)
-        self.prefix, self.suffix, self.outputs_member, self.num_boundary = _split(self.net, set(self.names))
+        self.prefix, self.suffix, self.outputs_member, self.num_boundary = split_shared_prefix(self.net, set(self.names))
         self.traced = self.prefix is not None
         self._members: list[nn.Module] | None = None
 
@@ -229,7 +229,7 @@ def _tracer() -> fx.Tracer:
     return Tracer(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
 
 
-def _split(net: nn.Module, member_names: set[str]):
+def split_shared_prefix(net: nn.Module, member_names: set[str]):
     """Cut ``net``'s traced graph into a shared prefix and a member suffix.
 
     Returns ``(prefix, suffix, outputs, num_boundary)``: ``prefix(x)`` returns the ``num_boundary``

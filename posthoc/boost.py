@@ -1,0 +1,148 @@
+"""``boost``: load parents and data, run a method, measure, write the artifact.
+
+This is the library behind ``posthoc boost``; every method goes through it, so every artifact records
+its data, hyper-parameters, cost and build-time metrics the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from . import data as data_mod
+from .artifact import save
+from .errors import PosthocError
+from .evaluate import evaluate
+from .fused import EnsembleModule
+from .methods import BoostContext, get_method, make_config
+from .methods.base import Stopwatch
+from .runtime import resolve_device, seed_everything
+from .sources import load_model
+
+
+def default_out(specs: list[str], method: str) -> Path:
+    """``runs/<first model>-<method>``: a readable default output directory."""
+    name = Path(specs[0].split(":", 1)[-1].rstrip("/")).name or specs[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if Path(name).suffix in (".safetensors", ".pth", ".pt", ".bin") else name)
+    return Path("runs") / f"{name}-{method}"
+
+
+def boost(
+    models: list[str],
+    method: str,
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    train_split: str = "train",
+    val_split: str = "val",
+    select_size: int | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+    **config: Any,
+) -> dict[str, Any]:
+    """Build an ensemble artifact from ``models`` with ``method`` and write it to ``out``.
+
+    Args:
+        models: one model spec (or several, for methods that merge checkpoints).
+        method: a registered method name (``posthoc methods`` lists them).
+        data: ImageFolder root with ``train_split`` and ``val_split`` folders.
+        out: artifact directory (default ``runs/<model>-<method>``).
+        train_split: images a method may train on.
+        val_split: split whose *select* part (``select_size`` images, default 40%) a method tunes and
+            selects on; its *report* part is never touched.
+        **config: the method's hyper-parameters (its ``Config`` fields).
+
+    Returns:
+        A summary: ``out``, ``seconds`` (method wall time), the ensemble's and the parents' metrics
+        on the select part, and what the method measured (``notes``).
+    """
+    method_cls = get_method(method)
+    cfg = make_config(method_cls.Config, config)
+    if len(models) < method_cls.min_parents or (method_cls.max_parents is not None and len(models) > method_cls.max_parents):
+        allowed = f"{method_cls.min_parents}" + ("" if method_cls.max_parents == method_cls.min_parents else f" to {method_cls.max_parents or 'any number of'}")
+        raise PosthocError(f"method '{method}' takes {allowed} model(s), got {len(models)}")
+    out = Path(out) if out is not None else default_out(models, method)
+    if out.exists() and not overwrite:
+        raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
+    dev = resolve_device(device)
+    parents = [load_model(spec, arch=arch, num_classes=num_classes).to(dev) for spec in models]
+    if any(getattr(p, "returns_probabilities", False) for p in parents):
+        raise PosthocError("boost starts from checkpoints, not from an ensemble artifact; pass the model it was built from")
+    for spec, p in zip(models[1:], parents[1:]):
+        if p.num_classes != parents[0].num_classes:
+            raise PosthocError(f"{spec} predicts {p.num_classes} classes but {models[0]} predicts {parents[0].num_classes}")
+    data_config = data_mod.resolve_data_config(parents[0], preprocessing)
+    labels = parents[0].pretrained_cfg.get("label_names")
+    select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
+    eval_tf = data_mod.eval_transform(data_config)
+    select_set = data_mod.image_folder(data, select_spec, eval_tf, label_names=labels, select_size=select_size)
+    train_set = data_mod.image_folder(data, train_split, None, label_names=labels)
+    for name, ds in (("training", train_set), ("validation", select_set)):
+        if len(ds.classes) != parents[0].num_classes:
+            raise PosthocError(
+                f"the model predicts {parents[0].num_classes} classes but the {name} data has {len(ds.classes)} class folders; "
+                f"pass --num-classes {len(ds.classes)} to re-head it, or point --data at its label space"
+            )
+
+    def make_train_loader(batch_size, shuffle, seed, augment, subset):
+        ds = data_mod.image_folder(
+            data, train_split, data_mod.train_transform(data_config, augment), label_names=labels, subset=subset
+        )
+        return data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle)
+
+    def make_select_loader(batch_size, subset):
+        ds = data_mod.image_folder(data, select_spec, eval_tf, label_names=labels, select_size=select_size, subset=subset)
+        return data_mod.make_loader(ds, batch_size, workers=workers)
+
+    ctx = BoostContext(
+        parents=parents,
+        parent_specs=list(models),
+        data_config=data_config,
+        device=dev,
+        make_train_loader=make_train_loader,
+        make_select_loader=make_select_loader,
+        train_size=len(train_set),
+        select_size=len(select_set),
+        log=log,
+        show_progress=show_progress,
+    )
+    seed_everything(cfg.seed)
+    clock = Stopwatch()
+    ensemble = method_cls(cfg).build(ctx)
+    seconds = clock.seconds
+
+    loader = data_mod.make_loader(select_set, 256, workers=workers)
+    module = EnsembleModule(ensemble).to(dev)
+    ens_metrics = _scalars(evaluate(module, loader, device=dev, show_progress=False))
+    parent_metrics = _scalars(evaluate(parents[0], loader, device=dev, show_progress=False))
+    ensemble.method = method
+    ensemble.method_config = {**dataclasses.asdict(cfg), "measured": ctx.notes}
+    ensemble.sources = list(models)
+    ensemble.command = command
+    ensemble.data = {
+        "dataset": str(data),
+        "train_split": train_split,
+        "tuned_on": str(select_spec),
+        "select_size": len(select_set),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+    }
+    # wall time is reported, not stored: the same seed must give a bit-identical artifact
+    ensemble.metrics = {str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics}
+    save(ensemble, out, overwrite=overwrite)
+    return {"out": str(out), "seconds": seconds, "ensemble": ens_metrics, "parent": parent_metrics, "notes": ctx.notes,
+            "members": ensemble.num_members}
+
+
+def _scalars(result: dict[str, Any]) -> dict[str, float]:
+    keys = ("top1", "top5", "nll", "ece", "brier", "member_top1", "disagreement")
+    return {k: result[k] for k in keys if k in result}
+

@@ -1,0 +1,173 @@
+"""``noisy``: exact mirrored/partitioned children, the KL search, determinism, data hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.datasets import DatasetFolder
+
+from posthoc import PosthocError
+from posthoc.boost import boost
+from posthoc.cli import main
+from posthoc.methods.noisy import Child, ChildScorer, Mutator, kl_to_parent, mutable_tensors, population_plan, search_sigma
+
+from .helpers import tiny_model
+
+
+def test_four_children_of_one_draw_are_mirrored_and_partitioned():
+    parent = tiny_model("test_resnet")
+    names = mutable_tensors(parent)
+    mutator = Mutator(parent, names, density=0.5, noise="absolute", seed=3)
+    sigma = 0.05
+    plan = population_plan(4, antithetic=True)
+    assert [c.name for c in plan] == ["d0+M", "d0+~M", "d0-M", "d0-~M"]
+    kids = [mutator.child(c, sigma) for c in plan]
+    for name in names:
+        w = parent.get_parameter(name).detach()
+        z, m = mutator.unit_draw(0)[name]
+        n = sigma * z
+        mask = m.float()
+        assert torch.equal(kids[0][name], w + n * m)
+        assert torch.equal(kids[1][name], w + n * ~m)
+        assert torch.equal(kids[2][name], w - n * m)
+        assert torch.equal(kids[3][name], w - n * ~m)
+        # the two masks partition the tensor, and about half the weights move in each child
+        assert torch.equal(mask + (~m).float(), torch.ones_like(mask))
+        assert 0.3 < mask.mean() < 0.7 or mask.numel() < 50
+
+
+def test_relative_noise_scales_by_weight_std():
+    parent = tiny_model("test_resnet")
+    names = mutable_tensors(parent)
+    mutator = Mutator(parent, names, density=1.0, noise="relative", seed=0)
+    child = mutator.child(Child(0, 1, False), 0.1)
+    for name in names[:3]:
+        w = parent.get_parameter(name).detach()
+        z, _ = mutator.unit_draw(0)[name]
+        assert torch.allclose(child[name], w + 0.1 * w.std() * z)
+
+
+def test_scope_keeps_only_last_blocks_and_classifier():
+    parent = tiny_model("test_resnet")
+    assert mutable_tensors(parent, scope=0) == ["fc.weight"]
+    scoped = mutable_tensors(parent, scope=1)
+    assert scoped[-1] == "fc.weight" and all(n.startswith(("layer4.", "fc.")) for n in scoped)
+    assert set(scoped) < set(mutable_tensors(parent))
+
+
+def test_bisection_hits_target_kl_within_ten_percent(image_data):
+    from posthoc.data import eval_transform, image_folder, resolve_data_config
+    from posthoc.training import collect_inputs
+
+    parent = tiny_model("test_resnet", seed=2)
+    ds = image_folder(image_data, "val", eval_transform(resolve_data_config(parent)))
+    x, y = collect_inputs(torch.utils.data.DataLoader(ds, batch_size=30))
+    names = mutable_tensors(parent)
+    scorer = ChildScorer(parent, names, x, y, torch.device("cpu"))
+    mutator = Mutator(parent, names, 0.5, "absolute", seed=0)
+    for target in (0.01, 0.05):
+        def kl_at(s):
+            return kl_to_parent(scorer.parent_logits, scorer.logits(mutator.child(Child(0, 1, False), s)))
+
+        sigma, kl, trace = search_sigma(kl_at, target, start=1e-3, tolerance=0.05)
+        assert abs(kl / target - 1) <= 0.10, (target, sigma, kl, trace)
+        assert abs(kl_at(sigma) - kl) < 1e-9  # common random numbers: the same sigma gives the same KL
+
+
+def test_scored_suffix_matches_full_child(image_data):
+    parent = tiny_model("test_resnet", seed=1)
+    names = mutable_tensors(parent, scope=1)
+    x = torch.randn(6, 3, 32, 32)
+    scorer = ChildScorer(parent, names, x, torch.zeros(6, dtype=torch.long), torch.device("cpu"))
+    mutator = Mutator(parent, names, 0.5, "absolute", seed=0)
+    tensors = mutator.child(Child(1, -1, True), 0.05)
+    child = tiny_model("test_resnet", seed=1)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            child.get_parameter(n).copy_(t)
+        assert torch.allclose(scorer.logits(tensors), child(x), atol=1e-5)
+
+
+def _boost(resnet_dir, image_data, out, **kw):
+    kw.setdefault("population", 8)
+    kw.setdefault("members", 4)
+    kw.setdefault("kl_samples", 20)
+    return boost([str(resnet_dir)], "noisy", image_data, out, workers=0, show_progress=False, log=lambda m: None, **kw)
+
+
+def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
+    _boost(resnet_dir, image_data, tmp_path / "a", seed=7)
+    _boost(resnet_dir, image_data, tmp_path / "b", seed=7)
+    _boost(resnet_dir, image_data, tmp_path / "c", seed=8)
+    read = lambda d, f: (tmp_path / d / f).read_bytes()  # noqa: E731
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert read("a", name) == read("b", name), name
+    assert read("a", "model.safetensors") != read("c", "model.safetensors")
+    config = json.loads(read("a", "config.json"))
+    measured = config["method"]["config"]["measured"]
+    assert measured["sigma"] > 0 and len(measured["selected"]) == 4
+    assert config["data"]["tuned_on"] == "val:select"
+
+
+def test_selection_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, image_data):
+    from posthoc.data import image_folder
+
+    report = {Path(p).name + Path(p).parent.name for p, _ in
+              (image_folder(image_data, "val").samples[i] for i in image_folder(image_data, "val:report").indices)}
+    seen = []
+    original = DatasetFolder.__getitem__
+
+    def spy(self, index):
+        path = self.samples[index][0]
+        seen.append(Path(path))
+        return original(self, index)
+
+    monkeypatch.setattr(DatasetFolder, "__getitem__", spy)
+    _boost(resnet_dir, image_data, tmp_path / "a", bn_recalibrate=True, bn_batches=1)
+    val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
+    assert val_seen and not (val_seen & report)
+
+
+def test_bn_recalibration_changes_only_scoped_statistics(tmp_path, resnet_dir, image_data):
+    _boost(resnet_dir, image_data, tmp_path / "a", scope=1, bn_recalibrate=True, bn_batches=2)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    stacked = config["groups"][0]["member_tensors"]
+    assert any(n.endswith("running_var") for n in stacked)
+    assert all(n.startswith(("layer4.", "fc.")) for n in stacked)
+
+
+def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
+    out = tmp_path / "n"
+    code = main(["boost", str(resnet_dir), "--method", "noisy", "--data", str(image_data), "--out", str(out),
+                 "--workers", "0", "--no-progress", "--population", "4", "--members", "2", "--kl-samples", "10",
+                 "--include-parent", "--target-kl=0.05", "--scope", "1"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    cfg = config["method"]["config"]
+    assert cfg["population"] == 4 and cfg["target_kl"] == 0.05 and cfg["include_parent"] and cfg["scope"] == 1
+    assert config["num_members"] == 3 and config["members"][0]["name"] == "parent"
+    assert main(["methods", "noisy"]) == 0
+    assert "--target-kl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--densty", "0.3"], "unknown option --densty"),
+        (["--density", "2"], "--density must be in"),
+        (["--members", "many"], "expects int"),
+        (["--fitness", "f1"], "--fitness must be accuracy or nll"),
+    ],
+)
+def test_cli_boost_flag_errors(tmp_path, capsys, resnet_dir, image_data, flags, message):
+    code = main(["boost", str(resnet_dir), "--method", "noisy", "--data", str(image_data), "--out", str(tmp_path / "x"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_method(resnet_dir, image_data):
+    with pytest.raises(PosthocError, match="unknown method 'noisey'; available: .*noisy"):
+        boost([str(resnet_dir)], "noisey", image_data)
