@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from string import Template
 from typing import Any
 
@@ -17,9 +18,17 @@ def register_method_text(name: str, text: str) -> None:
     METHOD_TEXT[name] = text
 
 
+def template_text(name: str) -> str:
+    """A template from ``model_cards/``: installed as ``posthoc.model_cards``, or beside a source checkout."""
+    try:
+        return resources.files("posthoc.model_cards").joinpath(name).read_text()
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parents[1] / "model_cards" / name).read_text()
+
+
 def render_card(config: dict[str, Any], template: str = "ensemble.md") -> str:
     """Render the model card of an artifact from its ``config.json`` dict."""
-    text = resources.files("posthoc.model_cards").joinpath(template).read_text()
+    text = template_text(template)
     cfg = config.get("pretrained_cfg", {})
     combine = config["combine"]
     meta = config["posthoc"]

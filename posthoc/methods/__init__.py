@@ -4,6 +4,7 @@
 name       what it does                                                                    module
 ========== ============================================================================== ==========
 noisy      sparse Gaussian mutations at a target KL, top-K by validation (no training)    noisy.py
+resample   ~1 epoch constant-rate SGD, Welford mean/std per weight: mean model or draws   resample.py
 ========== ============================================================================== ==========
 """
 
@@ -37,5 +38,6 @@ def list_methods() -> list[str]:
 
 
 from . import noisy  # noqa: E402,F401  (registers itself)
+from . import resample  # noqa: E402,F401  (registers itself)
 
 __all__ = ["BoostContext", "Method", "MethodConfig", "get_method", "list_methods", "make_config", "option", "register"]

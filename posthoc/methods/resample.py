@@ -1,0 +1,437 @@
+"""``resample``: weight-parameter resampling (Liu et al. 2018, arXiv:1807.00847).
+
+The parent is fine-tuned for about one epoch with constant-rate SGD; after every optimizer step a
+Welford running mean and M2 of every trainable parameter are updated (paper eq. 2-3, the population
+variance M2 / n). The statistics then give either
+
+- the **mean model** (``--members 0``): every parameter set to its running mean, one network with no
+  inference overhead (the paper's "mean-resampled" model, an SWA-like average of the trajectory); or
+- a **Gaussian ensemble** (``--members K``): K networks drawn elementwise from N(mean, (scale*std)^2),
+  averaged as probabilities (softmax, then mean), optionally with the mean model as one more member.
+
+Choices where the paper is silent, and ours:
+
+- Which parameters: every trainable parameter (conv, linear, and norm weights and biases), as the
+  paper's "the parameters theta"; buffers are never averaged or sampled.
+- Accumulators: float32 by default (``--stats-dtype float64`` for very long runs), on the parameter's
+  device, about 2x the parameters in memory. Only post-update iterates are recorded (the pre-trained
+  weights are not a sample); ``--burn-in`` and ``--every`` thin the trajectory (the paper: every step).
+- Loss: the batch *mean* of the cross-entropy (the paper writes a sum; its rates only make sense for a
+  mean). Constant learning rate, as in the paper; momentum and weight decay are options.
+- BatchNorm: the paper never mentions it. Averaged or sampled weights do not match the running
+  statistics of any iterate, so (as SWA and SWAG do) every output network gets its BatchNorm statistics
+  re-estimated on ``--bn-batches`` training batches (eval transform) with ``update_bn``'s cumulative
+  average. ``--bn-batches 0`` keeps the fine-tuned statistics (an ablation; it costs accuracy).
+- ``--include-mean``: the paper keeps the mean model and the sampled ensemble apart; adding the mean
+  model as a member helps on CIFAR-10 (see the default's help and the README), so it is on by default.
+- Statistics can be written with ``--save-stats FILE.safetensors`` (mean, M2, count; no pickles) and
+  re-used with ``--stats FILE.safetensors``, which skips fine-tuning: members are re-drawn (another
+  ``--seed``, ``--members``, ``--scale``) and BatchNorm is re-estimated against the same parent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..ensemble import Combine, Ensemble, MemberGroup
+from ..errors import PosthocError
+from ..runtime import progress
+from ..sources import timm_config
+from ..training import has_batchnorm, recalibrate_bn
+from . import register
+from .base import BoostContext, Method, MethodConfig, batches, option
+
+STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUGMENTATIONS = ("light", "timm", "none")
+STATS_FORMAT = "posthoc-welford"
+BN_CACHE_BYTES = 1 << 30  # keep the BatchNorm batches in memory when they fit in 1 GiB
+
+
+@dataclass
+class ResampleConfig(MethodConfig):
+    epochs: float = option(1.0, "Fine-tune length in epochs over the training split (fractions allowed).")
+    lr: float = option(0.05, "Constant SGD learning rate of the fine-tune (batch-mean loss).")
+    momentum: float = option(0.0, "SGD momentum (0: plain SGD, the paper's eq. 1).")
+    weight_decay: float = option(0.0, "SGD weight decay during the fine-tune.")
+    batch_size: int = option(128, "Fine-tune batch size (the paper's 128).")
+    augment: str = option("light", "Fine-tune augmentation: light (pad-crop + flip), timm, or none.")
+    burn_in: int = option(0, "Optimizer steps before the statistics start recording.")
+    every: int = option(1, "Record the weights every N optimizer steps after the burn-in (the paper: 1).")
+    members: int = option(8, "Members drawn from N(mean, (scale*std)^2); 0 exports the mean model alone.")
+    scale: float = option(1.0, "Multiplier on the measured std when drawing members (the paper: 1).")
+    include_mean: bool = option(True, "With --members K > 0, also add the mean model as a member.")
+    stats_dtype: str = option("float32", "Dtype of the Welford accumulators: float32 or float64.")
+    bn_batches: int = option(32, "Training batches (of 128, eval transform) re-estimating each network's BatchNorm; 0 keeps the fine-tuned statistics.")
+    save_stats: str | None = option(None, "Write the Welford statistics (mean, M2, count) to this .safetensors file.")
+    stats: str | None = option(None, "Draw from statistics saved with --save-stats instead of fine-tuning (a .safetensors file).")
+
+    def validate(self) -> None:
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise PosthocError(f"--epochs must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise PosthocError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise PosthocError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise PosthocError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise PosthocError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.augment not in AUGMENTATIONS:
+            raise PosthocError(f"--augment must be light, timm or none, got '{self.augment}'")
+        if self.burn_in < 0:
+            raise PosthocError(f"--burn-in must be 0 or more steps, got {self.burn_in}")
+        if self.every < 1:
+            raise PosthocError(f"--every must be at least 1 step, got {self.every}")
+        if self.members < 0:
+            raise PosthocError(f"--members must be 0 (the mean model) or more, got {self.members}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise PosthocError(f"--scale must be positive, got {self.scale}")
+        if self.stats_dtype not in STATS_DTYPES:
+            raise PosthocError(f"--stats-dtype must be float32 or float64, got '{self.stats_dtype}'")
+        if self.bn_batches < 0:
+            raise PosthocError(f"--bn-batches must be 0 or more, got {self.bn_batches}")
+        for flag, value in (("--save-stats", self.save_stats), ("--stats", self.stats)):
+            if value is not None and not str(value).endswith(".safetensors"):
+                raise PosthocError(f"{flag} must name a .safetensors file, got '{value}'")
+        if self.stats is not None and self.save_stats is not None:
+            raise PosthocError("--stats re-uses saved statistics and --save-stats writes new ones; give one of them")
+        if self.stats is not None and not Path(self.stats).is_file():
+            raise PosthocError(f"statistics file {self.stats} does not exist; write one with --save-stats first")
+
+
+# ------------------------------------------------------------------------------------ statistics
+class WelfordStats:
+    """Running mean and M2 of named tensors (Welford 1962; the paper's eq. 2-3).
+
+    ``update`` folds in one snapshot: ``delta = x - mean; mean += delta / n; M2 += delta * (x - mean)``.
+    ``var`` is the population variance ``M2 / n`` (the paper's eq. 3, divide by n), clamped at 0 against
+    rounding. Accumulators live on each tensor's device in ``dtype``.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+        self.mean = {n: torch.zeros(t.shape, dtype=dtype, device=t.device) for n, t in tensors.items()}
+        self.m2 = {n: torch.zeros(t.shape, dtype=dtype, device=t.device) for n, t in tensors.items()}
+        self.count = 0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.mean)
+
+    @torch.no_grad()
+    def update(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Fold in one snapshot of every tracked tensor."""
+        missing = [n for n in self.mean if n not in tensors]
+        if missing:
+            raise PosthocError(f"snapshot lacks tracked tensor '{missing[0]}'")
+        self.count += 1
+        inv = 1.0 / self.count
+        for name, mean in self.mean.items():
+            x = tensors[name].detach().to(self.dtype)
+            delta = x - mean
+            mean.add_(delta, alpha=inv)
+            self.m2[name].addcmul_(delta, x - mean)
+
+    def _require(self, n: int = 1) -> None:
+        if self.count < n:
+            raise PosthocError(f"the statistics hold {self.count} snapshot(s); at least {n} needed")
+
+    def var(self) -> dict[str, torch.Tensor]:
+        """Population variance ``M2 / n`` per tensor (never negative)."""
+        self._require()
+        return {n: (m2 / self.count).clamp_min_(0) for n, m2 in self.m2.items()}
+
+    def std(self) -> dict[str, torch.Tensor]:
+        return {n: v.sqrt_() for n, v in self.var().items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``mean.<name>``, ``m2.<name>`` and ``count``, contiguous and on CPU (for safetensors)."""
+        out = {f"mean.{n}": t.detach().cpu().contiguous() for n, t in self.mean.items()}
+        out.update({f"m2.{n}": t.detach().cpu().contiguous() for n, t in self.m2.items()})
+        out["count"] = torch.tensor(self.count, dtype=torch.int64)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore from :meth:`state_dict` (tensors move to the accumulators' devices)."""
+        names = sorted(k[5:] for k in state if k.startswith("mean."))
+        if sorted(self.mean) != names or any(f"m2.{n}" not in state for n in names) or "count" not in state:
+            raise PosthocError("the statistics do not cover the same tensors as this model")
+        for n in self.mean:
+            for kind, store in (("mean", self.mean), ("m2", self.m2)):
+                t = state[f"{kind}.{n}"]
+                if tuple(t.shape) != tuple(store[n].shape):
+                    raise PosthocError(f"saved {kind} of '{n}' has shape {tuple(t.shape)}, the model's is {tuple(store[n].shape)}")
+                store[n].copy_(t)
+        self.count = int(state["count"])
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write the statistics as one .safetensors file (no pickles); ``metadata`` is stored alongside."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": STATS_FORMAT, "version": "1", "count": str(self.count), "dtype": str(self.dtype).removeprefix("torch."),
+                "names": json.dumps(self.names)}  # safetensors sorts its keys; this keeps the model's order
+        meta.update({k: str(v) for k, v in (metadata or {}).items()})
+        save_file(self.state_dict(), str(path), metadata=dict(sorted(meta.items())))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["WelfordStats", dict[str, str]]:
+        """Read a file written by :meth:`save`; returns the statistics and the stored metadata."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PosthocError(f"statistics file {path} does not exist; write one with --save-stats first")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise PosthocError(f"{path} is not a readable safetensors file ({e})") from None
+        if meta.get("format") != STATS_FORMAT:
+            raise PosthocError(f"{path} does not hold resample statistics; write them with --save-stats")
+        dtype = STATS_DTYPES.get(meta.get("dtype", ""), torch.float32)
+        shapes = {k[5:]: t for k, t in state.items() if k.startswith("mean.")}
+        order = json.loads(meta.get("names", "[]"))
+        if sorted(order) == sorted(shapes):
+            shapes = {n: shapes[n] for n in order}
+        stats = cls({n: torch.empty(t.shape, device=device) for n, t in shapes.items()}, dtype=dtype)
+        stats.load_state_dict(state)
+        return stats, meta
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter with ``requires_grad``, in the model's order: what the paper tracks and resamples."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise PosthocError("the model has no trainable parameters to fine-tune and resample")
+    return params
+
+
+# ------------------------------------------------------------------------------------ fine-tune
+def finetune_with_stats(
+    model: nn.Module,
+    loader: Iterable,
+    steps: int,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    burn_in: int = 0,
+    every: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    show_progress: bool = False,
+) -> tuple[WelfordStats, dict[str, float]]:
+    """Fine-tune ``model`` in place for ``steps`` SGD steps and record the Welford statistics.
+
+    Constant learning rate and batch-mean cross-entropy, model in train mode (the paper's fine-tuning
+    stage). After optimizer step ``s`` (1-based) the weights are recorded when ``s > burn_in`` and
+    ``(s - burn_in) % every == 0``; the starting weights are not a sample. Returns the statistics and
+    a summary (``steps``, ``snapshots``, ``first_loss``, ``last_loss``: mean loss of the first and last
+    10% of the steps).
+    """
+    params = trainable_parameters(model)
+    stats = WelfordStats(params, dtype)
+    opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    window = max(1, steps // 10)
+    losses: list[float] = []
+    for step, (x, y) in enumerate(progress(batches(loader, steps), total=steps, description="fine-tune", enabled=show_progress), 1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            raise PosthocError(f"the fine-tune diverged at step {step} (loss {float(loss)}); lower --lr")
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step > burn_in and (step - burn_in) % every == 0:
+            stats.update(params)
+    model.eval()
+    summary = {
+        "steps": len(losses),
+        "snapshots": stats.count,
+        "first_loss": sum(losses[:window]) / max(len(losses[:window]), 1),
+        "last_loss": sum(losses[-window:]) / max(len(losses[-window:]), 1),
+    }
+    return stats, summary
+
+
+# ------------------------------------------------------------------------------------ sampling
+def mean_weights(stats: WelfordStats, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The running mean of every tracked tensor, in the dtype and on the device of ``like``."""
+    return {n: m.to(device=like[n].device, dtype=like[n].dtype) for n, m in stats.mean.items()}
+
+
+def draw_members(
+    stats: WelfordStats, k: int, scale: float, seed: int, like: Mapping[str, torch.Tensor] | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """``k`` draws ``mean + scale * std * z``, ``z ~ N(0, 1)`` elementwise (the paper's diagonal Gaussian).
+
+    Draw ``j`` uses a CPU generator seeded with ``(seed, j)`` and consumes the tensors in the model's
+    order, so the same seed gives the same members on any device, and member ``j`` does not depend on
+    ``k``. Results take the dtype and device of ``like`` (default: the accumulators').
+    """
+    std = stats.std()
+    out = []
+    for j in range(k):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        member = {}
+        for name, mean in stats.mean.items():
+            z = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean.device, mean.dtype)
+            w = mean + scale * std[name] * z
+            ref = like[name] if like is not None else mean
+            member[name] = w.to(device=ref.device, dtype=ref.dtype)
+        out.append(member)
+    return out
+
+
+def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the BatchNorm running statistics (mean, var, batches tracked) of ``model``."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for buf_name, buf in module.named_buffers(recurse=False):
+                if buf is not None:
+                    out[f"{name}.{buf_name}"] = buf.detach().clone()
+    return out
+
+
+class _ImageBatches:
+    """The first ``n`` image batches of a loader, cached in memory when they fit, else re-read."""
+
+    def __init__(self, make_loader, n: int):
+        self.make_loader, self.n = make_loader, n
+        self.cache: list[torch.Tensor] | None = None
+        first = next(iter(self._read()), None)
+        if first is None:
+            raise PosthocError("BatchNorm recalibration got no training images; check the training split")
+        if first.element_size() * first.numel() * n <= BN_CACHE_BYTES:
+            self.cache = list(self._read())
+
+    def _read(self) -> Iterator[torch.Tensor]:
+        for i, batch in enumerate(self.make_loader()):
+            if i >= self.n:
+                break
+            yield batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.cache) if self.cache is not None else self._read()
+
+
+# ------------------------------------------------------------------------------------ the method
+@register
+class Resample(Method):
+    name = "resample"
+    Config = ResampleConfig
+    summary = "Fine-tune ~1 epoch with constant-rate SGD, keep a Welford mean/std per weight; mean model or Gaussian draws."
+    card_text = (
+        "Weight-parameter resampling (Liu et al. 2018): the parent was fine-tuned for about one epoch with "
+        "constant-rate SGD while a running (Welford) mean and variance of every trainable parameter were "
+        "recorded after each step. Members are the mean model and/or networks drawn from the per-parameter "
+        "Gaussian N(mean, std^2); each member's BatchNorm statistics were re-estimated on training images."
+    )
+
+    def build(self, ctx: BoostContext) -> Ensemble:
+        cfg: ResampleConfig = self.config
+        parent = ctx.parent.eval()
+        model = copy.deepcopy(parent)  # the parent itself stays untouched
+        params = trainable_parameters(model)
+        arch = timm_config(parent)
+
+        if cfg.stats is not None:
+            stats, meta = WelfordStats.load(cfg.stats, device=ctx.device)
+            self._check_stats(stats, params, meta, arch, cfg.stats)
+            ctx.note("stats_from", str(cfg.stats))
+            ctx.note("finetune", json.loads(meta.get("finetune", "{}")))
+            ctx.log(f"re-drawing from {cfg.stats} ({stats.count} snapshots); no fine-tuning")
+        else:
+            stats = self._finetune(ctx, cfg, model)
+            if cfg.save_stats is not None:
+                finetune = {k: getattr(cfg, k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "burn_in", "every", "seed")}
+                finetune["parent"] = ctx.parent_specs[0]
+                stats.save(cfg.save_stats, {"architecture": arch.get("architecture", ""), "finetune": json.dumps(finetune, sort_keys=True)})
+                ctx.log(f"wrote the statistics to {cfg.save_stats}")
+        if cfg.members > 0 and stats.count < 2:
+            raise PosthocError(f"drawing members needs at least 2 snapshots, the statistics hold {stats.count}; lower --burn-in or --every, or raise --epochs")
+
+        std = stats.std()
+        numel = sum(t.numel() for t in std.values())
+        mean_std = float(sum(float(s.double().sum()) for s in std.values()) / numel)
+        drift = math.sqrt(sum(float((stats.mean[n].double() - p.detach().double()).pow(2).sum()) for n, p in trainable_parameters(parent).items()))
+        norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in trainable_parameters(parent).values()))
+        ctx.note("snapshots", stats.count)
+        ctx.note("mean_std", mean_std)
+        ctx.note("relative_drift", drift / norm)  # ||mean - parent|| / ||parent||
+        ctx.log(f"{stats.count} snapshots; mean per-weight std {mean_std:.3g}; the mean moved {100 * drift / norm:.2f}% from the parent")
+
+        base = {k: v.detach() for k, v in model.state_dict().items()}  # buffers: fine-tuned (or parent's)
+        weights, names = [], []
+        if cfg.members == 0 or cfg.include_mean:
+            weights.append(mean_weights(stats, params))
+            names.append("mean")
+        for j, drawn in enumerate(draw_members(stats, cfg.members, cfg.scale, cfg.seed, like=params)):
+            weights.append(drawn)
+            names.append(f"sample-{j}")
+
+        bn_batches = None
+        if cfg.bn_batches > 0 and has_batchnorm(model):
+            bn_batches = _ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
+        state_dicts = []
+        for tensors in progress(weights, description="members", enabled=ctx.show_progress):
+            sd = dict(base)
+            sd.update(tensors)
+            if bn_batches is not None:
+                model.load_state_dict(sd)
+                recalibrate_bn(model, bn_batches, ctx.device)
+                sd.update(bn_statistics(model))
+            state_dicts.append({k: v.detach().cpu() for k, v in sd.items()})
+        ctx.note("bn_recalibrated", bn_batches is not None)
+        group = MemberGroup.from_state_dicts(arch, state_dicts, names)
+        return Ensemble(groups=[group], combine=Combine(rule="prob_mean"))
+
+    @staticmethod
+    def _finetune(ctx: BoostContext, cfg: ResampleConfig, model: nn.Module) -> WelfordStats:
+        loader = ctx.train_loader(cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
+        per_epoch = len(loader)
+        if per_epoch == 0:
+            raise PosthocError("the training split gave no batches; check --train-split or lower --batch-size")
+        steps = max(1, round(cfg.epochs * per_epoch))
+        expected = max(0, (steps - cfg.burn_in) // cfg.every)
+        if expected == 0:
+            raise PosthocError(f"--burn-in {cfg.burn_in} and --every {cfg.every} leave no snapshot in {steps} steps; lower them or raise --epochs")
+        ctx.log(f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), lr {cfg.lr}, momentum {cfg.momentum}")
+        stats, summary = finetune_with_stats(
+            model, loader, steps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, burn_in=cfg.burn_in,
+            every=cfg.every, dtype=STATS_DTYPES[cfg.stats_dtype], device=ctx.device, show_progress=ctx.show_progress,
+        )
+        ctx.note("steps", summary["steps"])
+        ctx.note("steps_per_epoch", per_epoch)
+        ctx.note("train_loss_first", round(summary["first_loss"], 5))
+        ctx.note("train_loss_last", round(summary["last_loss"], 5))
+        return stats
+
+    @staticmethod
+    def _check_stats(stats: WelfordStats, params: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: dict, path) -> None:
+        saved_arch = meta.get("architecture")
+        if saved_arch and saved_arch != arch.get("architecture"):
+            raise PosthocError(f"{path} was recorded on {saved_arch}, not {arch.get('architecture')}; pass the model it was saved from")
+        missing = [n for n in params if n not in stats.mean]
+        extra = [n for n in stats.mean if n not in params]
+        if missing or extra:
+            example = (missing or extra)[0]
+            raise PosthocError(f"{path} was recorded for other parameters ('{example}' does not match); pass the model it was saved from")
+        for n, p in params.items():
+            if tuple(stats.mean[n].shape) != tuple(p.shape):
+                raise PosthocError(f"{path} has '{n}' of shape {tuple(stats.mean[n].shape)}, the model's is {tuple(p.shape)}; pass the model it was saved from")
