@@ -23,4 +23,5 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert code == 0, out
     assert "held-out digits" in out and "parent" in out
     config = json.loads((tmp_path / "parent-noisy" / "config.json").read_text())
-    assert config["num_members"] == 2 and config["data"]["tuned_on"] == "val:select"
+    assert config["num_members"] == 3 and config["members"][0]["name"] == "parent"  # 2 children + the parent
+    assert config["data"]["tuned_on"] == "val:select"

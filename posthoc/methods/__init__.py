@@ -4,6 +4,8 @@
 name       what it does                                                                    module
 ========== ============================================================================== ==========
 noisy      sparse Gaussian mutations at a target KL, top-K by validation (no training)    noisy.py
+lastlayer  retrain the classifier, then earlier blocks one at a time (one network)        lastlayer.py
+supernet   one trained linear layer over members' concatenated features (SuperNet)        supernet.py
 resample   ~1 epoch constant-rate SGD, Welford mean/std per weight: mean model or draws   resample.py
 ========== ============================================================================== ==========
 """
@@ -38,6 +40,7 @@ def list_methods() -> list[str]:
 
 
 from . import noisy  # noqa: E402,F401  (registers itself)
+from . import lastlayer, supernet  # noqa: E402,F401  (register themselves)
 from . import resample  # noqa: E402,F401  (registers itself)
 
 __all__ = ["BoostContext", "Method", "MethodConfig", "get_method", "list_methods", "make_config", "option", "register"]
