@@ -42,6 +42,7 @@ class Row:
     name: str
     build: list[str] | None
     nominal_parent_epochs: float | None = None  # cost fixed by the protocol instead of measured
+    base_parent_epochs: float = 0.0  # training the row's inputs costs this much on top of the build
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -57,6 +58,15 @@ def rows(parents: list[str]) -> list[Row]:
         Row("noisy", "noisy", [*boost[:2], "--method", "noisy", *boost[2:]], notes="defaults"),
         Row("noisy-scope", "noisy --scope 2", [*boost[:2], "--method", "noisy", *boost[2:], "--scope", "2"],
             notes="mutations in the last 2 blocks + classifier only"),
+        Row("resample-mean", "resample-mean", [*boost[:2], "--method", "resample", *boost[2:], "--members", "0"],
+            notes="one fine-tune epoch, the Welford mean model"),
+        Row("resample", "resample K=8", [*boost[:2], "--method", "resample", *boost[2:]], notes="defaults"),
+        Row("lastlayer", "lastlayer", [*boost[:2], "--method", "lastlayer", *boost[2:]], notes="s0, retraining only"),
+        Row("supernet", "supernet (s0)", [*boost[:2], "--method", "supernet", *boost[2:]],
+            notes="4 copies of s0 with retrained last layers, coupled"),
+        Row("supernet4", "supernet (s0..s3)", ["boost", *parents, *boost[2:], "--method", "supernet"],
+            base_parent_epochs=4 * PARENT_EPOCHS_OF_PARENT,
+            notes="couples the deep ensemble's four parents; cost includes their 4 x 15 training epochs"),
     ]
 
 
@@ -230,7 +240,7 @@ def main() -> None:
             work / f"{row.key}.eval.log")
         result = json.loads(result_json.read_text())
         ratio = images_per_second(load(art)) / parent_ips if row.build is not None else 1.0
-        cost = row.nominal_parent_epochs if row.nominal_parent_epochs is not None else wall / epoch_s
+        cost = row.nominal_parent_epochs if row.nominal_parent_epochs is not None else row.base_parent_epochs + wall / epoch_s
         previous[row.key] = {
             "key": row.key,
             "name": row.name,
