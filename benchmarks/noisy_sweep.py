@@ -11,7 +11,6 @@ several seeds; the JSON keeps every run and the markdown table the means.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import tempfile

@@ -42,8 +42,7 @@ CARD = "README.md"
 def save(ensemble: Ensemble, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``ensemble`` to the directory ``out`` atomically and return its path."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -66,6 +65,18 @@ def save(ensemble: Ensemble, out: str | Path, *, overwrite: bool = False) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``overwrite``, and never overwrite what is not an artifact."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
+    from .sources import is_artifact
+
+    if not out.is_dir() or (any(out.iterdir()) and not is_artifact(str(out))):
+        raise PosthocError(f"--overwrite replaces artifacts only, and {out} is not one; choose another --out")
 
 
 def read(path: str | Path) -> tuple[Ensemble, dict[str, Any]]:
@@ -126,7 +137,13 @@ def load(path: str | Path, strategy: str = "auto"):
 
     path = Path(str(path).removeprefix("local-dir:"))
     ensemble, config = read(path)
-    module = EnsembleModule(ensemble, strategy=strategy).eval()
+    try:
+        module = EnsembleModule(ensemble, strategy=strategy).eval()
+    except RuntimeError as e:  # state dict keys or shapes that this timm does not build
+        raise PosthocError(
+            f"{path}: its tensors do not fit the architecture this timm builds ({str(e).splitlines()[0][:160]}); "
+            f"the artifact is damaged or needs timm {config['posthoc'].get('timm_version')}"
+        ) from e
     module.posthoc_config = config
     module.posthoc_name = str(path)
     return module
@@ -190,6 +207,8 @@ def _config(ensemble: Ensemble, weights: Path) -> dict[str, Any]:
 def _ensemble(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> Ensemble:
     try:
         groups = []
+        if not isinstance(config["groups"], list) or not isinstance(config["method"], dict):
+            raise PosthocError(f"{path}: config.json is malformed; the artifact is damaged")
         for g, spec in enumerate(config["groups"]):
             shared = {n: tensors.pop(f"groups.{g}.shared.{n}") for n in spec["shared_tensors"]}
             stacked = {n: tensors.pop(f"groups.{g}.members.{n}") for n in spec["member_tensors"]}
@@ -206,14 +225,15 @@ def _ensemble(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
             coupling_weight=tensors.pop("coupling.weight", None),
             coupling_bias=tensors.pop("coupling.bias", None),
         )
-    except KeyError as e:
+        method = config["method"]["name"]
+    except (KeyError, TypeError) as e:
         raise PosthocError(f"{path}: config.json and {WEIGHTS} disagree (missing {e}); the artifact is damaged") from e
     if tensors:
         raise PosthocError(f"{path}: {WEIGHTS} holds tensors config.json does not list ({next(iter(tensors))}); the artifact is damaged")
     return Ensemble(
         groups=groups,
         combine=combine,
-        method=config["method"]["name"],
+        method=method,
         method_config=config["method"].get("config", {}),
         metrics=config.get("metrics", {}),
         sources=config.get("sources", []),

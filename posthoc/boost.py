@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import data as data_mod
-from .artifact import save
+from .artifact import check_output, save
 from .errors import PosthocError
 from .evaluate import evaluate
 from .fused import EnsembleModule
@@ -62,8 +62,8 @@ def boost(
         **config: the method's hyper-parameters (its ``Config`` fields).
 
     Returns:
-        A summary: ``out``, ``seconds`` (method wall time), the ensemble's and the parents' metrics
-        on the select part, and what the method measured (``notes``).
+        A summary: ``out``, ``seconds`` (method wall time), the ensemble's and the first parent's
+        metrics on the select part, and what the method measured (``notes``).
     """
     method_cls = get_method(method)
     cfg = make_config(method_cls.Config, config)
@@ -71,8 +71,7 @@ def boost(
         allowed = f"{method_cls.min_parents}" + ("" if method_cls.max_parents == method_cls.min_parents else f" to {method_cls.max_parents or 'any number of'}")
         raise PosthocError(f"method '{method}' takes {allowed} model(s), got {len(models)}")
     out = Path(out) if out is not None else default_out(models, method)
-    if out.exists() and not overwrite:
-        raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
+    check_output(out, overwrite)  # before any work, not after an hour of it
     dev = resolve_device(device)
     parents = [load_model(spec, arch=arch, num_classes=num_classes).to(dev) for spec in models]
     if any(getattr(p, "returns_probabilities", False) for p in parents):

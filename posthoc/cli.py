@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import PosthocError
@@ -46,6 +47,11 @@ InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="Overr
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Override normalization mean, e.g. 0.5,0.5,0.5.")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Override normalization std, e.g. 0.5,0.5,0.5.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _log(message: str) -> None:
+    """Progress messages from the library, printed verbatim (paths may contain [brackets])."""
+    console.print(escape(message), highlight=False)
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -117,6 +123,7 @@ def eval_command(
         raise PosthocError(f"--results-file must end in .json or .csv, got '{results_file.name}'")
     spec = data_mod.SplitSpec.parse(split)
     net = load_model(model, arch=arch, num_classes=num_classes)
+    select_size = _check_tuned_on(net, spec, select_size)
     data_config = data_mod.resolve_data_config(net, preprocessing_overrides(img_size, crop_pct, interpolation, mean, std))
     dataset = data_mod.image_folder(
         data,
@@ -126,7 +133,6 @@ def eval_command(
         select_size=select_size,
         subset=subset,
     )
-    _warn_if_tuned_on(net, data, spec)
     loader = data_mod.make_loader(dataset, batch_size, workers=workers)
     result = evaluate(net, loader, device=dev, dtype=dt, amp=amp, data_config=data_config, show_progress=show_progress)
     result["model"] = model
@@ -136,17 +142,28 @@ def eval_command(
     _print_result(result)
 
 
-def _warn_if_tuned_on(net, data: Path, spec) -> None:
-    """Ensembles record the data they tuned on; say so when evaluating on an overlapping part."""
-    tuned = getattr(net, "posthoc_config", {}).get("data", {}).get("tuned_on")
+def _check_tuned_on(net, spec, select_size: int | None) -> int | None:
+    """Artifacts record the split part and select size they tuned on: evaluate the parts with the same
+    size by default, and warn when the evaluated images overlap the tuned ones."""
+    data = getattr(net, "posthoc_config", {}).get("data", {})
+    tuned = data.get("tuned_on")
     if not tuned:
-        return
+        return select_size
     t_split, _, t_part = tuned.partition(":")
-    if t_split == spec.split and (spec.part is None or spec.part == t_part or not t_part):
+    if t_split != spec.split:
+        return select_size
+    recorded = data.get("select_size")
+    if select_size is None:
+        select_size = recorded
+    overlap = spec.part is None or spec.part == t_part or not t_part
+    if spec.part == "report" and recorded is not None and select_size < recorded:
+        overlap = True
+    if overlap:
         err_console.print(
-            f"[yellow]warning:[/] this artifact was tuned on '{tuned}'; figures on '{spec}' are optimistic. "
-            f"Report on '{t_split}:report' instead."
+            f"[yellow]warning:[/] this artifact was tuned on '{escape(tuned)}' ({recorded} images); figures on "
+            f"'{escape(str(spec))}' with select size {select_size} are optimistic. Report on '{escape(t_split)}:report'."
         )
+    return select_size
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -217,7 +234,7 @@ def boost_command(
         models, method, data, out, arch=arch, num_classes=num_classes, train_split=train_split, val_split=val_split,
         select_size=select_size, device=device, workers=workers, overwrite=overwrite, show_progress=show_progress,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
-        log=lambda msg: console.print(msg, highlight=False), command=_command_line(), **config,
+        log=_log, command=_command_line(), **config,
     )
     _print_boost_summary(summary)
 
@@ -310,7 +327,7 @@ def demo_command(
     from .methods import get_method
 
     config = parse_method_flags(get_method(method).Config, list(ctx.args))
-    r = run_demo(method, out, log=lambda m: console.print(m, highlight=False), show_progress=show_progress,
+    r = run_demo(method, out, log=_log, show_progress=show_progress,
                  parent_epochs=parent_epochs, **config)
     table = Table(title=f"held-out digits ({r['images']} images, never used for training or tuning)")
     table.add_column("metric")
@@ -359,23 +376,24 @@ def ensemble_command(
     """Build a deep-ensemble artifact from several checkpoints (members may differ in architecture)."""
     from .artifact import save
     from .ensemble import Combine, Ensemble
-    from .sources import is_artifact, load_model
+    from .sources import is_artifact, load_model, member_name
 
     if len(models) < 2:
         raise PosthocError("an ensemble needs at least two models")
     if combine == "coupling":
         raise PosthocError("the coupling rule needs training; use 'posthoc boost ... --method supernet'")
-    if out.exists() and not overwrite:
-        raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
+    from .artifact import check_output
+
+    check_output(out, overwrite)
     nets = []
     for spec in models:
         if is_artifact(spec):
             raise PosthocError(f"{spec} is already an ensemble artifact; pass the checkpoints it was built from")
         nets.append(load_model(spec, arch=arch))
     _check_label_space(models, nets)
-    names = [_member_name(s) for s in models]
+    names = [member_name(s) for s in models]
     ens = Ensemble.from_models(
-        nets, names=names, combine=Combine(rule=combine, include_parent=True), method="ensemble",
+        nets, names=names, combine=Combine(rule=combine), method="ensemble",
         method_config={"combine": combine}, sources=list(models), command=_command_line(),
     )
     save(ens, out, overwrite=overwrite)
@@ -390,11 +408,6 @@ def _check_label_space(specs: list[str], nets: list) -> None:
         a, b = first.pretrained_cfg.get("label_names"), net.pretrained_cfg.get("label_names")
         if a and b and list(a) != list(b):
             raise PosthocError(f"{spec} orders its classes differently from {specs[0]}; members must share a label space")
-
-
-def _member_name(spec: str) -> str:
-    name = Path(spec.removeprefix("local-dir:").removeprefix("hf-hub:").rstrip("/")).name
-    return name or spec
 
 
 def _command_line() -> str:
@@ -465,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # typer/click exit normally, and on usage errors (status 2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except PosthocError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return PosthocError.exit_code
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

@@ -181,11 +181,6 @@ def _align_labels(dataset: datasets.ImageFolder, label_names: Sequence[str] | No
     dataset.class_to_idx = {c: i for i, c in enumerate(label_names)}
 
 
-def num_classes_of(dataset: Dataset) -> int:
-    """Number of classes of an ImageFolder dataset or a subset of one."""
-    return len(dataset.classes)
-
-
 # ---------------------------------------------------------------------------------------- loaders
 def default_workers() -> int:
     """DataLoader workers: one per spare core, at most 8 (the main process runs the model)."""

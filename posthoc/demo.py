@@ -44,7 +44,7 @@ def write_digits(root: Path, val_fraction: float = 0.4, seed: int = 0) -> Path:
     return root
 
 
-def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0, log: Callable[[str], None] = print) -> Path:
+def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0) -> Path:
     """Train timm's ``test_resnet`` from scratch on the digits (SGD, one-cycle) and save it in timm's Hub layout."""
     import timm
     from timm.models import save_for_hf
@@ -80,7 +80,7 @@ def run_demo(method: str = "noisy", out: Path = Path("runs/demo"), log: Callable
     from .methods import get_method
     from .sources import load_model
 
-    method_cls = get_method(method)
+    get_method(method)  # an unknown name fails before any work
     out = Path(out)
     data, parent_dir, artifact = out / "digits", out / "parent", out / f"parent-{method}"
     start = time.perf_counter()
@@ -88,11 +88,10 @@ def run_demo(method: str = "noisy", out: Path = Path("runs/demo"), log: Callable
         write_digits(data)
     if not (parent_dir / "model.safetensors").is_file():
         log("training a small timm CNN (test_resnet) on 1,079 digits ...")
-        train_parent(data, parent_dir, epochs=parent_epochs, log=log)
+        train_parent(data, parent_dir, epochs=parent_epochs)
     log(f"boosting it with '{method}' ...")
-    settings = {**getattr(method_cls, "demo_config", {}), **config}
     summary = boost([str(parent_dir)], method, data, artifact, overwrite=True, workers=0, show_progress=show_progress,
-                    log=log, command=f"posthoc demo --method {method}", **settings)
+                    log=log, command=f"posthoc demo --method {method}", **config)
     parent = load_model(str(parent_dir))
     report = image_folder(data, "val:report", eval_transform(resolve_data_config(parent)))
     loader = make_loader(report, 256, workers=0)

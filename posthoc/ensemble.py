@@ -52,6 +52,7 @@ class Combine:
             raise PosthocError(f"temperature must be positive, got {self.temperature}")
 
     def to_config(self) -> dict[str, Any]:
+        """The JSON-able part (the coupling tensors go to the weights file)."""
         return {"rule": self.rule, "temperature": self.temperature, "include_parent": self.include_parent}
 
 
@@ -77,6 +78,20 @@ class MemberGroup:
         state = dict(self.shared)
         state.update({name: t[k] for name, t in self.stacked.items()})
         return state
+
+    def classifier_in_features(self) -> int:
+        """Input width of the members' classifier (from its weight; a model build as a fallback)."""
+        name = self.timm_config.get("pretrained_cfg", {}).get("classifier")
+        for key in ([name] if isinstance(name, str) else list(name or [])):
+            weight = self.shared.get(f"{key}.weight")
+            if weight is None and f"{key}.weight" in self.stacked:
+                weight = self.stacked[f"{key}.weight"][0]
+            if weight is not None and weight.dim() == 2:
+                return int(weight.shape[1])
+        head = _build(self).get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise PosthocError(f"cannot tell the feature width of {self.architecture}'s classifier ({type(head).__name__})")
+        return int(head.in_features)
 
     def stored_numel(self) -> tuple[int, int]:
         """(elements stored once, elements stored per member summed over members)."""
@@ -144,13 +159,12 @@ class Ensemble:
         return dict(self.groups[0].timm_config.get("pretrained_cfg", {}))
 
     def feature_dims(self) -> list[int]:
-        """Penultimate feature size of each member, in member order."""
+        """Width of the features each member's classifier reads (``forward_head(pre_logits=True)``),
+        in member order. Read from the classifier weight, since timm's ``num_features`` is narrower
+        for models with a head hidden layer (MobileNetV3)."""
         dims = []
         for g in self.groups:
-            d = g.timm_config.get("num_features")
-            if d is None:
-                d = _build(g).num_features
-            dims += [int(d)] * g.num_members
+            dims += [g.classifier_in_features()] * g.num_members
         return dims
 
     def members(self) -> list[nn.Module]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,15 @@ def write_results(result: dict[str, Any], path: str | Path) -> None:
     """Write one result to ``.json`` (all fields) or ``.csv`` (scalar fields, one row with header)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix.lower() == ".csv":
         row = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
-        with path.open("w", newline="") as f:
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             writer.writeheader()
             writer.writerow(row)
     elif path.suffix.lower() == ".json":
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     else:
         raise PosthocError(f"--results-file must end in .json or .csv, got '{path.name}'")
+    os.replace(tmp, path)  # never a half-written results file

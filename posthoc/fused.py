@@ -12,8 +12,8 @@ Each :class:`~posthoc.ensemble.MemberGroup` runs in a :class:`GroupExecutor`:
    kernel beats K small launches, and ``loop`` on CPU, where PyTorch's grouped convolutions are slower
    than K plain ones (measured in ``benchmarks/inference.py``).
 
-A model that ``torch.fx`` cannot trace runs whole under ``vmap``, which still computes operations on
-unbatched inputs only once.
+A model that ``torch.fx`` cannot trace runs whole: under ``vmap`` (which still computes operations on
+unbatched inputs only once) or, on CPU, as K full forward passes.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class EnsembleModule(nn.Module):
     """An ensemble as one module: ``forward(x)`` returns class probabilities of shape (B, C).
 
     ``forward(x, return_members=True)`` returns ``(probs, member_probs)`` with ``member_probs`` of
-    shape (K, B, C): each member's own softmax (for a ``coupling`` ensemble, of the member's own
-    classifier). The module carries ``pretrained_cfg`` (preprocessing, timm's convention),
+    shape (K, B, C): each member's own softmax, at the ensemble's temperature (for a ``coupling``
+    ensemble, of the member's own classifier). The module carries ``pretrained_cfg`` (preprocessing, timm's convention),
     ``num_classes``, ``num_members``, ``member_names`` and, once loaded from disk, ``posthoc_config``.
 
     ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA, ``loop`` on
@@ -113,8 +113,12 @@ class FeaturesAndLogits(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return feats, self.model.get_classifier()(feats)
+        x = self.model.forward_features(x)
+        feats = self.model.forward_head(x, pre_logits=True)
+        head = self.model.get_classifier()
+        # models with two heads (distilled ViTs) combine them in forward_head: use it for their logits
+        logits = head(feats) if isinstance(head, nn.Module) else self.model.forward_head(x)
+        return feats, logits
 
 
 class GroupExecutor(nn.Module):
@@ -148,6 +152,7 @@ class GroupExecutor(nn.Module):
             _assign(self.net, name, stacked[k])
 
     def member_params(self) -> dict[str, torch.Tensor]:
+        """Stacked (K, ...) member tensors by their name in ``self.net``."""
         return {n: getattr(self, f"member_{i}") for i, n in enumerate(self.names)}
 
     def _apply(self, fn, *args, **kwargs):

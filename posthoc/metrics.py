@@ -111,6 +111,7 @@ class EnsembleMetrics:
             self.disagree += float(differ.triu(diagonal=1).sum()) / (k * (k - 1) / 2)
 
     def compute(self) -> dict[str, float]:
+        """``member_top1`` (mean, min, max over members) and ``disagreement``, in percent."""
         if self.member_correct is None:
             return {}
         n = max(self.count, 1)

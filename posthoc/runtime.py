@@ -51,6 +51,7 @@ def seed_everything(seed: int) -> None:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work (timing); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -75,6 +75,12 @@ def load_model(
     return model.eval()
 
 
+def member_name(spec: str) -> str:
+    """A short name for a model spec: its directory or file name, or the spec itself."""
+    name = Path(spec.removeprefix("local-dir:").removeprefix("hf-hub:").rstrip("/")).name
+    return name or spec
+
+
 def is_artifact(spec: str) -> bool:
     """True when ``spec`` names a posthoc ensemble artifact directory."""
     return _is_artifact(Path(spec.removeprefix("local-dir:")))

@@ -41,6 +41,7 @@ def collect_inputs(loader: Iterable, limit: int | None = None) -> tuple[torch.Te
 
 
 def has_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` holds a BatchNorm layer."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -76,6 +77,8 @@ def recalibrate_bn(
 
     if modules is None:
         update_bn(images(), model, device=device)
+        return model.eval()
+    if not modules:
         return model.eval()
     momenta = {m: m.momentum for m in modules}
     model.eval()

@@ -223,3 +223,33 @@ def test_cli_ensemble_rejects_mixed_label_spaces(tmp_path, capsys):
     assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "o")]) == 2
     assert "predicts 5 classes but" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_never_replaces_a_non_artifact(tmp_path):
+    precious = tmp_path / "runs"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(PosthocError, match="replaces artifacts only"):
+        posthoc.save(Ensemble.from_models(head_only_members(2)), precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_coupling_width_comes_from_the_classifier_not_num_features():
+    import timm
+
+    models = [timm.create_model("mobilenetv3_small_050", num_classes=3, pretrained_cfg_overlay=dict(input_size=(3, 32, 32))).eval()
+              for _ in range(2)]
+    heads = [m.get_classifier() for m in models]
+    assert heads[0].in_features != models[0].num_features  # MobileNetV3 has a head hidden layer
+    weight = torch.cat([h.weight.detach() for h in heads], dim=1) / 2
+    bias = torch.stack([h.bias.detach() for h in heads]).mean(0)
+    ens = Ensemble.from_models(models, combine=Combine(rule="coupling", coupling_weight=weight, coupling_bias=bias))
+    with torch.no_grad():
+        expected = member_logits(models).mean(0).softmax(-1)
+        assert (EnsembleModule(ens)(X) - expected).abs().max() <= 1e-5
+
+
+def test_error_messages_keep_brackets(tmp_path, capsys):
+    code = main(["eval", str(tmp_path / "[v2]" / "w.pth"), "--arch", "test_resnet", "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "[v2]" in err and "Traceback" not in err

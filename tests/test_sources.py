@@ -181,3 +181,15 @@ def test_directory_without_weights(tmp_path, resnet_dir):
 def test_path_like_name_that_does_not_exist(tmp_path):
     with pytest.raises(PosthocError, match="neither an existing path nor a timm name"):
         load_model(str(tmp_path / "nothing" / "here"))
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages by hand (model_cards is mapped in); a missing one breaks installs."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "posthoc").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

@@ -36,6 +36,7 @@ def get_method(name: str) -> type[Method]:
 
 
 def list_methods() -> list[str]:
+    """Registered method names, sorted."""
     return sorted(_REGISTRY)
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -71,6 +70,7 @@ from ..errors import PosthocError
 from ..fused import FeaturesAndLogits, split_shared_prefix
 from ..metrics import ClassificationMetrics
 from ..runtime import progress
+from ..sources import member_name
 from . import register
 from .base import BoostContext, Method, MethodConfig, Stopwatch, option
 
@@ -540,19 +540,13 @@ def training_data(ctx: BoostContext, cuts: Sequence[Cut], cfg: RetrainConfig, de
         return [TrainingData(c, targets) for c in caches], clock.seconds
     loader = ctx.train_loader(256, shuffle=False, seed=cfg.seed, augment=cfg.augment)
     dataset = loader.dataset
-    targets = torch.as_tensor(getattr(dataset, "targets", [y for _, y in dataset]))
+    targets = torch.as_tensor(dataset.targets if hasattr(dataset, "targets") else [y for _, y in dataset])
     return [TrainingData(None, targets, dataset, loader.num_workers) for _ in cuts], clock.seconds
 
 
 def select_data(ctx: BoostContext, cuts: Sequence[Cut]):
     """Cached base inputs of every cut over the select part (one pass) and the targets."""
     return cache_inputs(cuts, ctx.select_loader(256), ctx.device, show_progress=ctx.show_progress, description="caching select inputs")
-
-
-def member_name(spec: str) -> str:
-    """A short member name from a model spec (its directory or file name)."""
-    name = Path(spec.removeprefix("local-dir:").removeprefix("hf-hub:").rstrip("/")).name
-    return name or spec
 
 
 def cache_megabytes(*caches: Sequence[torch.Tensor] | None) -> float:

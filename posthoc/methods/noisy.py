@@ -32,6 +32,7 @@ accuracy), ``bn_recalibrate`` on (KL 0.05: top-1 -0.30 -> +0.25, NLL -0.004 -> -
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -45,7 +46,7 @@ from ..errors import PosthocError
 from ..fused import FeaturesAndLogits, split_shared_prefix
 from ..runtime import progress
 from ..sources import timm_config
-from ..training import collect_inputs, recalibrate_bn
+from ..training import collect_inputs, has_batchnorm, recalibrate_bn
 from . import register
 from .base import BoostContext, Method, MethodConfig, option
 
@@ -200,6 +201,20 @@ class ChildScorer:
                 self.inputs = [(xb.to(device),) for xb in x.split(batch)]
         self.parent_logits = self.logits({})
 
+    def head(self, n: int) -> "ChildScorer":
+        """A scorer over the first ``n`` cached images, sharing this one's trace and prefix activations."""
+        other = copy.copy(self)
+        other.inputs, left = [], n
+        for args in self.inputs:
+            if left <= 0:
+                break
+            b = args[0].shape[0]
+            cut = lambda a: a[:left] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == b else a  # noqa: E731
+            other.inputs.append(tuple(cut(a) for a in args) if b > left else args)
+            left -= b
+        other.y, other.parent_logits = self.y[:n], self.parent_logits[:n]
+        return other
+
     @torch.no_grad()
     def logits(self, tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (N, C) of the parent with ``tensors`` (and BN ``buffers``) replaced."""
@@ -284,7 +299,7 @@ class Noisy(Method):
         kl_n = min(cfg.kl_samples, len(y))
         # the sigma search uses the first kl_samples select images; selection scores all of them
         scorer = ChildScorer(parent, names, x, y, ctx.device)
-        kl_scorer = ChildScorer(parent, names, x[:kl_n], y[:kl_n], ctx.device) if kl_n < len(y) else scorer
+        kl_scorer = scorer.head(kl_n)
         del x
 
         if cfg.sigma is not None:
@@ -304,7 +319,7 @@ class Noisy(Method):
         ctx.log(f"noise scale sigma={sigma:.4g} gives mean KL(parent||child)={kl:.4f} on {kl_n} images")
 
         bn_loader = None
-        if cfg.bn_recalibrate:
+        if cfg.bn_recalibrate and has_batchnorm(parent):
             bn_loader = list(_take(ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches))
         scored = []
         for spec in progress(population_plan(cfg.population, cfg.antithetic), description="children", enabled=ctx.show_progress):
@@ -341,8 +356,6 @@ class Noisy(Method):
     @staticmethod
     def _recalibrated_buffers(parent, tensors, names, loader, device) -> dict[str, torch.Tensor]:
         """BatchNorm statistics of the child, re-estimated on training images, for BN layers in scope."""
-        import copy
-
         child = copy.deepcopy(parent)
         with torch.no_grad():
             for n, t in tensors.items():

@@ -49,6 +49,7 @@ import copy
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -196,7 +197,9 @@ class WelfordStats:
         meta = {"format": STATS_FORMAT, "version": "1", "count": str(self.count), "dtype": str(self.dtype).removeprefix("torch."),
                 "names": json.dumps(self.names)}  # safetensors sorts its keys; this keeps the model's order
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        save_file(self.state_dict(), str(path), metadata=dict(sorted(meta.items())))
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(self.state_dict(), str(tmp), metadata=dict(sorted(meta.items())))
+        os.replace(tmp, path)  # an interrupted run never leaves a truncated statistics file
         return path
 
     @classmethod
@@ -261,18 +264,23 @@ def finetune_with_stats(
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.train()
     window = max(1, steps // 10)
+    pending: list[torch.Tensor] = []  # losses stay on the device; read once per window (no per-step sync)
     losses: list[float] = []
     for step, (x, y) in enumerate(progress(batches(loader, steps), total=steps, description="fine-tune", enabled=show_progress), 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
-        if not torch.isfinite(loss):
-            raise PosthocError(f"the fine-tune diverged at step {step} (loss {float(loss)}); lower --lr")
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        pending.append(loss.detach())
         if step > burn_in and (step - burn_in) % every == 0:
             stats.update(params)
+        if len(pending) == window or step == steps:
+            values = torch.stack(pending).float().cpu()
+            pending.clear()
+            if not torch.isfinite(values).all():
+                raise PosthocError(f"the fine-tune diverged by step {step} (loss {values[-1].item()}); lower --lr")
+            losses += values.tolist()
     model.eval()
     summary = {
         "steps": len(losses),

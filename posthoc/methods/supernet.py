@@ -64,6 +64,7 @@ from torch import nn
 
 from ..ensemble import Combine, Ensemble
 from ..errors import PosthocError
+from ..sources import member_name
 from . import register
 from .base import BoostContext, Method, Stopwatch, option
 from .lastlayer import (
@@ -76,7 +77,6 @@ from .lastlayer import (
     cache_megabytes,
     epoch_order,
     fit_temperature,
-    member_name,
     retrain,
     run_cached,
     scores,
