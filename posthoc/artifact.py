@@ -129,13 +129,16 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def load(path: str | Path, strategy: str = "auto"):
     """Load an artifact as one ``torch.nn.Module`` (see :class:`posthoc.fused.EnsembleModule`).
 
+    ``path`` is an artifact directory or ``hf-hub:org/name`` for one pushed with ``posthoc push``.
+
     ``forward(x)`` returns the ensemble's class probabilities (B, C); ``forward(x,
     return_members=True)`` also returns per-member probabilities (K, B, C). The module is in eval
     mode and carries ``pretrained_cfg`` (preprocessing) and ``posthoc_config`` (the config.json).
     """
     from .fused import EnsembleModule
 
-    path = Path(str(path).removeprefix("local-dir:"))
+    name = str(path)
+    path = resolve(path)
     ensemble, config = read(path)
     try:
         module = EnsembleModule(ensemble, strategy=strategy).eval()
@@ -145,8 +148,19 @@ def load(path: str | Path, strategy: str = "auto"):
             f"the artifact is damaged or needs timm {config['posthoc'].get('timm_version')}"
         ) from e
     module.posthoc_config = config
-    module.posthoc_name = str(path)
+    module.posthoc_name = name
     return module
+
+
+def resolve(path: str | Path) -> Path:
+    """The local directory of an artifact: ``PATH``, ``local-dir:PATH``, or ``hf-hub:org/name[@rev]``
+    (downloaded through the Hugging Face cache, see :mod:`posthoc.hub`)."""
+    spec = str(path)
+    if spec.startswith(("hf-hub:", "hf_hub:")):
+        from .hub import download_artifact
+
+        return download_artifact(spec)
+    return Path(spec.removeprefix("local-dir:"))
 
 
 # ------------------------------------------------------------------------------------- internals

@@ -26,8 +26,11 @@ def template_text(name: str) -> str:
         return (Path(__file__).resolve().parents[1] / "model_cards" / name).read_text()
 
 
-def render_card(config: dict[str, Any], template: str = "ensemble.md") -> str:
-    """Render the model card of an artifact from its ``config.json`` dict."""
+def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path: str = "PATH_OR_REPO") -> str:
+    """Render the model card of an artifact from its ``config.json`` dict.
+
+    ``load_path`` is what the card's usage lines load: ``hf-hub:org/name`` once the artifact is pushed.
+    """
     text = template_text(template)
     cfg = config.get("pretrained_cfg", {})
     combine = config["combine"]
@@ -61,7 +64,7 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md") -> str:
         "rule_text": rule_text,
         "stored_text": f"{shared / 1e6:.2f}M shared elements stored once, {member / 1e6:.2f}M member-specific elements",
         "metrics_table": _metrics_table(config.get("metrics") or {}),
-        "load_path": "PATH_OR_REPO",
+        "load_path": load_path,
         "input_size": tuple(cfg.get("input_size", ())),
         "interpolation": cfg.get("interpolation", "?"),
         "crop_pct": cfg.get("crop_pct", "?"),

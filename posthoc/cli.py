@@ -418,11 +418,12 @@ def _command_line() -> str:
 
 # ---------------------------------------------------------------------------------------- info
 @app.command("info")
-def info_command(artifact: Annotated[Path, typer.Argument(help="An artifact directory.")]):
+def info_command(artifact: Annotated[str, typer.Argument(help="An artifact directory or hf-hub:org/name.")]):
     """Show an artifact's members, method, what is shared, sizes and stored metrics."""
-    from .artifact import read_config, size_mb
+    from .artifact import read_config, resolve, size_mb
 
-    config = read_config(artifact)
+    path = resolve(artifact)
+    config = read_config(path)
     method = config["method"]
     combine = config["combine"]
     table = Table(show_header=False, box=None)
@@ -448,7 +449,7 @@ def info_command(artifact: Annotated[Path, typer.Argument(help="An artifact dire
             table.add_row("", "member-specific: " + _summarize(stacked))
     stored = sum(g["shared_numel"] + g["member_numel"] for g in config["groups"])
     table.add_row("stored elements", f"{stored / 1e6:.2f}M")
-    table.add_row("size on disk", f"{size_mb(artifact):.1f} MB")
+    table.add_row("size on disk", f"{size_mb(path):.1f} MB")
     meta = config["posthoc"]
     table.add_row("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}")
     if method.get("config"):
@@ -457,6 +458,26 @@ def info_command(artifact: Annotated[Path, typer.Argument(help="An artifact dire
         if isinstance(metrics, dict):
             table.add_row(f"metrics ({split})", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
     console.print(table)
+
+
+# ---------------------------------------------------------------------------------------- push
+@app.command("push")
+def push_command(
+    artifact: Annotated[Path, typer.Argument(help="An artifact directory.")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub model repository, org/name (created if absent).")],
+    private: Annotated[Optional[bool], typer.Option("--private/--public", help="Visibility of a new repository.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if absent).")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: hf auth login / HF_TOKEN).", show_default=False)] = None,
+):
+    """Upload an artifact to the Hugging Face Hub with its model card; load it back as hf-hub:org/name."""
+    from .hub import push
+
+    url = push(artifact, repo, private=private, revision=revision, create_pr=create_pr, commit_message=message, token=token)
+    console.print(f"pushed {escape(str(artifact))} to {escape(url)}", highlight=False)
+    console.print(f"load it with posthoc.load(\"hf-hub:{escape(repo)}\") or `posthoc eval hf-hub:{escape(repo)} --data DATA`",
+                  highlight=False)
 
 
 def _summarize(names: list[str], limit: int = 6) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import PosthocError
+from .hub import first_line, hub_config, hub_errors, is_artifact_config, split_repo
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -116,11 +117,12 @@ def _load_timm_name(name: str, pretrained: bool) -> nn.Module:
             "or pick a pretrained variant (timm.list_pretrained())"
         )
     try:
-        model = _with_hub_errors(name, lambda: timm.create_model(name, pretrained=pretrained))
+        with hub_errors(name):
+            model = timm.create_model(name, pretrained=pretrained)
     except PosthocError:
         raise
     except RuntimeError as e:  # mismatched cached weights and the like
-        raise PosthocError(f"could not load pretrained weights for '{name}': {_first_line(e)}") from e
+        raise PosthocError(f"could not load pretrained weights for '{name}': {first_line(e)}") from e
     return model
 
 
@@ -133,8 +135,14 @@ def _suggest(arch: str) -> str:
 
 # ------------------------------------------------------------------------------------ Hub and dirs
 def _load_from_hub(spec: str) -> nn.Module:
-    repo = spec.split(":", 1)[1]
-    return _with_hub_errors(repo, lambda: timm.create_model(f"hf-hub:{repo}", pretrained=True))
+    """A timm model on the Hub, or a posthoc artifact pushed there (its config.json says which)."""
+    repo, revision = split_repo(spec)
+    if is_artifact_config(hub_config(repo, revision)):
+        from .artifact import load
+
+        return load(spec)
+    with hub_errors(repo):
+        return timm.create_model(f"hf-hub:{spec.split(':', 1)[1]}", pretrained=True)
 
 
 def _load_hub_layout_dir(path: Path) -> nn.Module:
@@ -154,7 +162,7 @@ def _load_hub_layout_dir(path: Path) -> nn.Module:
     try:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PosthocError(f"{path / 'config.json'} is not valid JSON ({_first_line(e)}); fix or regenerate it") from e
+        raise PosthocError(f"{path / 'config.json'} is not valid JSON ({first_line(e)}); fix or regenerate it") from e
     model = build_from_timm_config(config, source=str(path / "config.json"))
     load_weights(model, read_state_dict(weights), source=str(weights))
     return model
@@ -183,7 +191,7 @@ def build_from_timm_config(config: dict[str, Any], source: str = "config") -> nn
     try:
         pretrained_cfg, arch, model_args = _parse_model_cfg(json.loads(json.dumps(config)), {})
     except (KeyError, TypeError, AttributeError) as e:
-        raise PosthocError(f"{source} is not a timm model config (missing {_first_line(e)}); fix or regenerate it") from e
+        raise PosthocError(f"{source} is not a timm model config (missing {first_line(e)}); fix or regenerate it") from e
     if not timm.is_model(arch):
         raise PosthocError(f"{source} names unknown architecture '{arch}'{_suggest(arch)}")
     return timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
@@ -219,7 +227,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as e:  # safetensors / pickle / zip errors all mean "unreadable file"
         raise PosthocError(
-            f"cannot read weights file {path}: {_first_line(e)}; the file is corrupt, truncated or not a "
+            f"cannot read weights file {path}: {first_line(e)}; the file is corrupt, truncated or not a "
             "PyTorch checkpoint (pickled objects other than tensors are refused for safety)"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -268,31 +276,3 @@ def _reset_head(model: nn.Module, num_classes: int) -> None:
     cfg["num_classes"] = num_classes
     cfg.pop("label_names", None)
     model.pretrained_cfg = model.default_cfg = cfg
-
-
-def _with_hub_errors(name: str, fn):
-    """Run a Hub-touching call, turning huggingface_hub failures into one-line errors."""
-    from huggingface_hub import errors as hf_errors
-
-    try:
-        return fn()
-    except hf_errors.LocalEntryNotFoundError as e:
-        raise PosthocError(
-            f"weights for '{name}' are not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); download them once with network access, or pass a local file"
-        ) from e
-    except hf_errors.RepositoryNotFoundError as e:
-        raise PosthocError(f"Hub repository '{name}' does not exist or is private; check the name or log in") from e
-    except hf_errors.EntryNotFoundError as e:
-        raise PosthocError(f"Hub repository '{name}' lacks a file timm needs: {_first_line(e)}") from e
-    except hf_errors.HfHubHTTPError as e:
-        raise PosthocError(f"Hugging Face Hub request for '{name}' failed: {_first_line(e)}") from e
-    except OSError as e:
-        if "offline" in str(e).lower() or "connect" in str(e).lower():
-            raise PosthocError(f"cannot reach the Hugging Face Hub to fetch '{name}': {_first_line(e)}") from e
-        raise
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
