@@ -126,10 +126,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load(path: str | Path, strategy: str = "auto"):
+def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True):
     """Load an artifact as one ``torch.nn.Module`` (see :class:`posthoc.fused.EnsembleModule`).
 
     ``path`` is an artifact directory or ``hf-hub:org/name`` for one pushed with ``posthoc push``.
+    ``strategy`` and ``fold_bn`` (BatchNorm folded into convolutions) are :class:`EnsembleModule`'s.
 
     ``forward(x)`` returns the ensemble's class probabilities (B, C); ``forward(x,
     return_members=True)`` also returns per-member probabilities (K, B, C). The module is in eval
@@ -141,7 +142,7 @@ def load(path: str | Path, strategy: str = "auto"):
     path = resolve(path)
     ensemble, config = read(path)
     try:
-        module = EnsembleModule(ensemble, strategy=strategy).eval()
+        module = EnsembleModule(ensemble, strategy=strategy, fold_bn=fold_bn).eval()
     except RuntimeError as e:  # state dict keys or shapes that this timm does not build
         raise PosthocError(
             f"{path}: its tensors do not fit the architecture this timm builds ({str(e).splitlines()[0][:160]}); "

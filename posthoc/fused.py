@@ -12,6 +12,11 @@ Each :class:`~posthoc.ensemble.MemberGroup` runs in a :class:`GroupExecutor`:
    kernel beats K small launches, and ``loop`` on CPU, where PyTorch's grouped convolutions are slower
    than K plain ones (measured in ``benchmarks/inference.py``).
 
+Before the cut, every ``BatchNorm2d`` that directly follows a convolution is folded into it (its
+eval-mode affine map becomes the convolution's weight scale and bias, per member where the tensors are
+member-specific), which saves one pass over each activation; a pair is folded only when both are
+shared or both member-specific, so folding never moves work from the shared prefix to the members.
+
 A model that ``torch.fx`` cannot trace runs whole: under ``vmap`` (which still computes operations on
 unbatched inputs only once) or, on CPU, as K full forward passes.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -44,17 +50,18 @@ class EnsembleModule(nn.Module):
     ``num_classes``, ``num_members``, ``member_names`` and, once loaded from disk, ``posthoc_config``.
 
     ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA, ``loop`` on
-    CPU), ``vmap`` or ``loop``; shared layers always run once.
+    CPU), ``vmap`` or ``loop``; shared layers always run once. ``fold_bn`` folds BatchNorm into the
+    preceding convolutions (outputs equal up to float rounding).
     """
 
     returns_probabilities = True
 
-    def __init__(self, ensemble: Ensemble, strategy: str = "auto"):
+    def __init__(self, ensemble: Ensemble, strategy: str = "auto", fold_bn: bool = True):
         super().__init__()
         if strategy not in STRATEGIES:
             raise PosthocError(f"unknown execution strategy '{strategy}'; use {', '.join(STRATEGIES)}")
         self.strategy = strategy
-        self.executors = nn.ModuleList([GroupExecutor(g) for g in ensemble.groups])
+        self.executors = nn.ModuleList([GroupExecutor(g, fold_bn=fold_bn) for g in ensemble.groups])
         self.rule = ensemble.combine.rule
         self.temperature = float(ensemble.combine.temperature)
         self.num_members = ensemble.num_members
@@ -75,11 +82,7 @@ class EnsembleModule(nn.Module):
     def num_parameters(self) -> int:
         """Parameters stored: shared ones once, member-specific ones per member, the coupling layer."""
         total = 0 if self.coupling is None else sum(p.numel() for p in self.coupling.parameters())
-        for ex in self.executors:
-            members = ex.member_params()
-            for name, p in ex.net.named_parameters():
-                total += members[name].numel() if name in members else p.numel()
-        return total
+        return total + sum(ex.parameter_count for ex in self.executors)
 
     def member_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-group penultimate features (K_g, B, D_g) and all members' logits (K, B, C)."""
@@ -130,17 +133,21 @@ class GroupExecutor(nn.Module):
     kernels run faster, and CPU inputs are converted to match.
     """
 
-    def __init__(self, group: MemberGroup):
+    def __init__(self, group: MemberGroup, fold_bn: bool = True):
         super().__init__()
         from .sources import build_from_timm_config
 
         model = build_from_timm_config(group.timm_config)
         model.load_state_dict(group.member_state_dict(0))
-        self.net = FeaturesAndLogits(model.eval()).requires_grad_(False).to(memory_format=torch.channels_last)
+        self.parameter_count = sum(
+            group.stacked[n].numel() if n in group.stacked else p.numel() for n, p in model.named_parameters()
+        )
+        stacked = fold_batchnorm(model.eval(), group.stacked) if fold_bn else dict(group.stacked)
+        self.net = FeaturesAndLogits(model).requires_grad_(False).to(memory_format=torch.channels_last)
         self.num_members = group.num_members
-        self.names = [f"model.{n}" for n in group.stacked]
-        for i, name in enumerate(group.stacked):
-            self.register_buffer(f"member_{i}", _channels_last_stack(group.stacked[name].clone()))
+        self.names = [f"model.{n}" for n in stacked]
+        for i, name in enumerate(stacked):
+            self.register_buffer(f"member_{i}", _channels_last_stack(stacked[name].clone()))
         self._point_net_at_member(0)
         self.prefix, self.suffix, self.outputs_member, self.num_boundary = split_shared_prefix(self.net, set(self.names))
         self.traced = self.prefix is not None
@@ -188,7 +195,11 @@ class GroupExecutor(nn.Module):
         if not params:  # identical members
             outs = fn(*args)
         elif mode == "vmap":
-            outs = vmap(lambda p: functional_call(fn, p, args), randomness="error")(params)
+            with warnings.catch_warnings():
+                # channels-last convolutions feeding a pooling op make vmap restride the pooled output
+                # through its per-member fallback: a few tiny copies, no measurable cost (inference.py)
+                warnings.filterwarnings("ignore", message=".*batching rule for aten::as_strided_", category=UserWarning)
+                outs = vmap(lambda p: functional_call(fn, p, args), randomness="error")(params)
         else:
             per_member = [m(*args) for m in self.member_modules()]
             outs = tuple(torch.stack(o) for o in zip(*per_member))
@@ -203,6 +214,72 @@ class GroupExecutor(nn.Module):
                 value = outs[index] if is_member else shared[index]
                 result.append(value.expand(k, *value.shape))
         return tuple(result)
+
+
+def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold each eval-mode ``nn.BatchNorm2d`` that is the only user of an ``nn.Conv2d`` into that conv.
+
+    ``model`` holds member 0 (shared tensors are its own); ``stacked`` maps member-specific tensor
+    names to (K, ...) stacks. The folded conv gets the scaled weight and a bias (torch's
+    ``fuse_conv_bn_weights``), per member when the conv weight is member-specific; the BatchNorm
+    becomes ``nn.Identity``. A shared conv followed by a BatchNorm with member-specific tensors is left
+    alone: folding would turn the shared conv into K. Returns the new ``stacked`` dict; ``model`` is
+    changed in place. Untraceable models are returned unchanged.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    stacked = dict(stacked)
+    try:
+        graph = _tracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable models run unfolded
+        return stacked
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src, bn_name = node.args[0], node.target
+        if src.op != "call_module" or len(src.users) != 1 or calls[bn_name] != 1 or calls[src.target] != 1:
+            continue
+        conv, bn = model.get_submodule(src.target), model.get_submodule(bn_name)
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.running_mean is None or not bn.affine:
+            continue
+        conv_keys = [f"{src.target}.{t}" for t in ("weight", "bias") if getattr(conv, t) is not None]
+        bn_keys = [f"{bn_name}.{t}" for t in ("running_mean", "running_var", "weight", "bias")]
+        conv_member = f"{src.target}.weight" in stacked
+        if not conv_member and any(k in stacked for k in conv_keys + bn_keys):
+            continue
+
+        def fold(k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            def get(key: str, module: nn.Module, attr: str):
+                value = stacked[key][k] if k is not None and key in stacked else getattr(module, attr)
+                return None if value is None else value.detach()
+
+            w, b = fuse_conv_bn_weights(
+                get(f"{src.target}.weight", conv, "weight"),
+                get(f"{src.target}.bias", conv, "bias") if conv.bias is not None else None,
+                get(f"{bn_name}.running_mean", bn, "running_mean"), get(f"{bn_name}.running_var", bn, "running_var"),
+                bn.eps, get(f"{bn_name}.weight", bn, "weight"), get(f"{bn_name}.bias", bn, "bias"),
+            )
+            return w.detach(), b.detach()
+
+        if conv_member:
+            folded = [fold(k) for k in range(next(iter(stacked.values())).shape[0])]
+            for key in bn_keys + [f"{bn_name}.num_batches_tracked"]:
+                stacked.pop(key, None)
+            stacked[f"{src.target}.weight"] = torch.stack([w for w, _ in folded])
+            stacked[f"{src.target}.bias"] = torch.stack([b for _, b in folded])
+            weight, bias = folded[0]
+        else:
+            stacked.pop(f"{bn_name}.num_batches_tracked", None)
+            weight, bias = fold(None)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        owner, _, attr = bn_name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, nn.Identity())
+    return stacked
 
 
 def _channels_last_stack(t: torch.Tensor) -> torch.Tensor:

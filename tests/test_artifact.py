@@ -83,6 +83,35 @@ def test_head_only_group_stores_and_runs_trunk_once():
     assert len(calls) == 3
 
 
+def test_batchnorm_is_folded_into_convolutions_with_the_same_outputs():
+    for family in ("full-resnet", "head-only"):
+        ens = Ensemble.from_models(FAMILIES[family]())
+        folded, plain = EnsembleModule(ens).eval(), EnsembleModule(ens, fold_bn=False).eval()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.executors[0].net.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.executors[0].net.modules())
+        assert folded.num_parameters() == plain.num_parameters()  # what is stored, not how it runs
+        with torch.no_grad():
+            assert (folded(X, return_members=True)[1] - plain(X, return_members=True)[1]).abs().max() <= 1e-5
+
+
+def test_folding_never_moves_shared_convolutions_to_the_members():
+    """Members that share every convolution and differ in one BatchNorm's statistics (a recalibrated
+    block): that BatchNorm stays, its convolution stays shared, the other BatchNorms fold."""
+    parent = tiny_model("test_resnet", seed=1)
+    name = [n for n, m in parent.named_modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    members = []
+    for i in range(3):
+        m = copy.deepcopy(parent)
+        m.get_submodule(name).running_mean.add_(0.1 * (i + 1))
+        members.append(m)
+    fused = EnsembleModule(Ensemble.from_models(members)).eval()
+    ex = fused.executors[0]
+    assert ex.names == [f"model.{name}.running_mean"]
+    assert [n for n, m in ex.net.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)] == [name]
+    with torch.no_grad():
+        assert (fused(X, return_members=True)[1] - member_logits(members).softmax(-1)).abs().max() <= 1e-5
+
+
 def test_round_trip_gives_identical_outputs(tmp_path):
     models = FAMILIES["mixed-arch"]()
     ens = Ensemble.from_models(models, method="ensemble", method_config={"combine": "prob_mean"}, metrics={"val": {"top1": 50.0}})
