@@ -5,7 +5,8 @@
 For K in {1, 4, 8} and batch in {1, 32, 256}, in one process on the same machine, it times:
 ``single`` (the parent alone), ``loop`` (K plain timm models called one after the other, what a user
 would write) and ``fused`` (``posthoc.load`` of the artifact, default strategy), plus ``fused-vmap``
-(the batched strategy forced) and ``fused-unfolded`` (BatchNorm not folded into the convolutions, to
+(the batched strategy forced), ``fused-loop`` (members one after another, to show what running them
+side by side on CPU threads gives) and ``fused-unfolded`` (BatchNorm not folded into the convolutions, to
 show what folding gives). Two member families:
 
 - ``head``: members differ only in the classifier (e.g. a SuperNet or a noisy ``--scope 0`` artifact);
@@ -94,6 +95,7 @@ def main() -> None:
                 posthoc.save(Ensemble.from_models(nets), path)
                 fused = posthoc.load(path).to(device)
                 fused_vmap = posthoc.load(path, strategy="vmap").to(device)
+                fused_loop = posthoc.load(path, strategy="loop").to(device)
                 fused_unfolded = posthoc.load(path, fold_bn=False).to(device)
                 nets = [n.to(device) for n in nets]
                 mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
@@ -105,6 +107,7 @@ def main() -> None:
                             "loop": lambda x, nets=nets: [n(x).softmax(-1) for n in nets],
                             "fused": fused,
                             "fused-vmap": fused_vmap,
+                            "fused-loop": fused_loop,
                             "fused-unfolded": fused_unfolded,
                         },
                         x,
@@ -122,12 +125,13 @@ def main() -> None:
                         "fused_speedup_over_loop": t["loop"] / t["fused"],
                         "vmap_speedup_over_loop": t["loop"] / t["fused-vmap"],
                         "bn_folding_speedup": t["fused-unfolded"] / t["fused"],
+                        "fused_loop_speedup_over_loop": t["loop"] / t["fused-loop"],
                         "artifact_mb": round(mb, 1),
                     }
                     records.append(rec)
                     print(
                         f"{family:4s} K={k} batch={batch:3d}: single {batch / t['single']:8.0f}  loop {batch / t['loop']:8.0f}  "
-                        f"fused {batch / t['fused']:8.0f}  vmap {batch / t['fused-vmap']:8.0f} img/s | fused/single time "
+                        f"fused {batch / t['fused']:8.0f}  fused-loop {batch / t['fused-loop']:8.0f}  vmap {batch / t['fused-vmap']:8.0f} img/s | fused/single time "
                         f"{rec['fused_time_over_single']:.2f}  fused vs loop x{rec['fused_speedup_over_loop']:.2f}  "
                         f"BN folding x{rec['bn_folding_speedup']:.2f}",
                         flush=True,
@@ -146,16 +150,17 @@ def main() -> None:
     lines = [
         f"# Inference speed ({device.type}; {meta['machine']}; torch {meta['torch']})\n",
         "images/s, median of interleaved rounds. `loop`: K plain models one after another; `fused`: `posthoc.load` "
-        "(shared prefix once, BatchNorm folded into convolutions; member-specific part looped on CPU, vmap on CUDA); "
-        "`fused-vmap`: the batched strategy forced; `unfolded`: fused without BatchNorm folding.\n",
-        "| members differ in | K | batch | single | loop | fused | fused-vmap | unfolded | fused time / single | fused / loop speed | folding speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(shared prefix once, BatchNorm folded into convolutions; member-specific part on CPU threads side by side when "
+        "members differ beyond the classifier, else looped; vmap on CUDA); `fused-loop`, `fused-vmap`: those strategies "
+        "forced; `unfolded`: fused without BatchNorm folding.\n",
+        "| members differ in | K | batch | single | loop | fused | fused-loop | fused-vmap | unfolded | fused time / single | fused / loop speed | folding speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         ips = r["images_per_second"]
         lines.append(
             f"| {'classifier only' if r['family'] == 'head' else 'every weight'} | {r['members']} | {r['batch']} | "
-            f"{ips['single']:.0f} | {ips['loop']:.0f} | {ips['fused']:.0f} | {ips['fused-vmap']:.0f} | "
+            f"{ips['single']:.0f} | {ips['loop']:.0f} | {ips['fused']:.0f} | {ips['fused-loop']:.0f} | {ips['fused-vmap']:.0f} | "
             f"{ips['fused-unfolded']:.0f} | {r['fused_time_over_single']:.2f} | {r['fused_speedup_over_loop']:.2f} | "
             f"{r['bn_folding_speedup']:.2f} |"
         )

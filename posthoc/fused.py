@@ -8,9 +8,12 @@ Each :class:`~posthoc.ensemble.MemberGroup` runs in a :class:`GroupExecutor`:
    once per batch. For members that differ only in the classifier, the prefix is the whole trunk.
 2. The suffix runs for all K members with ``torch.func.functional_call``, either batched in one pass
    (``vmap``: member tensors batched, the prefix's outputs unbatched; convolutions become grouped
-   convolutions), or member after member (``loop``). ``auto`` picks ``vmap`` on CUDA, where one wide
-   kernel beats K small launches, and ``loop`` on CPU, where PyTorch's grouped convolutions are slower
-   than K plain ones (measured in ``benchmarks/inference.py``).
+   convolutions), member after member (``loop``), or members side by side on CPU threads with one
+   intra-op thread each (``threads``). ``auto`` picks ``vmap`` on CUDA, where one wide kernel beats K
+   small launches; on CPU, where PyTorch's grouped convolutions are slower than K plain ones,
+   ``threads`` when the suffix is more than the classifier (a member's whole network splits across
+   cores better than each small convolution does) and ``loop`` otherwise (measured in
+   ``benchmarks/inference.py``).
 
 Before the cut, every ``BatchNorm2d`` that directly follows a convolution is folded into it (its
 eval-mode affine map becomes the convolution's weight scale and bias, per member where the tensors are
@@ -25,7 +28,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -38,7 +44,9 @@ from .ensemble import Ensemble, MemberGroup
 from .errors import PosthocError
 
 _logger = logging.getLogger(__name__)
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "vmap", "loop", "threads")
+_THREADS_LOCK = threading.Lock()
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its worker count)
 
 
 class EnsembleModule(nn.Module):
@@ -49,8 +57,10 @@ class EnsembleModule(nn.Module):
     ensemble, of the member's own classifier). The module carries ``pretrained_cfg`` (preprocessing, timm's convention),
     ``num_classes``, ``num_members``, ``member_names`` and, once loaded from disk, ``posthoc_config``.
 
-    ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA, ``loop`` on
-    CPU), ``vmap`` or ``loop``; shared layers always run once. ``fold_bn`` folds BatchNorm into the
+    ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA; on CPU
+    ``threads`` for heavy member suffixes, else ``loop``), ``vmap``, ``loop`` or ``threads``; shared
+    layers always run once. ``threads`` sets torch's intra-op thread count to 1 while the members run
+    side by side and restores it afterwards (concurrent calls are serialized). ``fold_bn`` folds BatchNorm into the
     preceding convolutions (outputs equal up to float rounding).
     """
 
@@ -86,9 +96,15 @@ class EnsembleModule(nn.Module):
 
     def member_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-group penultimate features (K_g, B, D_g) and all members' logits (K, B, C)."""
-        mode = self.strategy if self.strategy != "auto" else ("vmap" if x.device.type == "cuda" else "loop")
-        feats, logits = zip(*(ex(x, mode) for ex in self.executors))
+        feats, logits = zip(*(ex(x, self._mode(ex, x)) for ex in self.executors))
         return list(feats), torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def _mode(self, executor: "GroupExecutor", x: torch.Tensor) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        if x.device.type == "cuda":
+            return "vmap"
+        return "threads" if executor.heavy_suffix and torch.get_num_threads() > 1 else "loop"
 
     def forward(self, x: torch.Tensor, return_members: bool = False):
         feats, logits = self.member_outputs(x)
@@ -151,6 +167,10 @@ class GroupExecutor(nn.Module):
         self._point_net_at_member(0)
         self.prefix, self.suffix, self.outputs_member, self.num_boundary = split_shared_prefix(self.net, set(self.names))
         self.traced = self.prefix is not None
+        head = model.get_classifier()
+        head_names = {f"model.{n}" for n, m in model.named_modules() if m is head}
+        # members differ beyond the classifier (whole blocks run per member), or run whole
+        self.heavy_suffix = not self.traced or any(n.rpartition(".")[0] not in head_names for n in self.names)
         self._members: list[nn.Module] | None = None
 
     def _point_net_at_member(self, k: int) -> None:
@@ -201,7 +221,11 @@ class GroupExecutor(nn.Module):
                 warnings.filterwarnings("ignore", message=".*batching rule for aten::as_strided_", category=UserWarning)
                 outs = vmap(lambda p: functional_call(fn, p, args), randomness="error")(params)
         else:
-            per_member = [m(*args) for m in self.member_modules()]
+            members = self.member_modules()
+            if mode == "threads" and x.device.type == "cpu":
+                per_member = run_side_by_side([lambda m=m: m(*args) for m in members])
+            else:
+                per_member = [m(*args) for m in members]
             outs = tuple(torch.stack(o) for o in zip(*per_member))
         if not self.traced:
             return outs if params else tuple(o.expand(k, *o.shape) for o in outs)
@@ -214,6 +238,44 @@ class GroupExecutor(nn.Module):
                 value = outs[index] if is_member else shared[index]
                 result.append(value.expand(k, *value.shape))
         return tuple(result)
+
+
+def run_side_by_side(calls: list) -> list:
+    """Run CPU calls concurrently, one per core, each with one intra-op thread; results in order.
+
+    Torch's intra-op thread count is global, so it is set to 1 for the duration and restored after,
+    under a lock (concurrent callers wait their turn instead of corrupting it). Grad, inference-mode
+    and CPU autocast state are thread-local: the worker threads get the caller's.
+    """
+    global _POOL
+    threads = min(len(calls), torch.get_num_threads())
+    if threads < 2:
+        return [c() for c in calls]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    def run_chunk(chunk: list) -> list:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+            return [c() for c in chunk]
+
+    chunks = [calls[i::threads] for i in range(threads)]
+    with _THREADS_LOCK:
+        if _POOL is None or _POOL[1] < threads:
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=False)
+            size = max(threads, os.cpu_count() or 1)
+            _POOL = (ThreadPoolExecutor(size, thread_name_prefix="posthoc-member"), size)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            done = list(_POOL[0].map(run_chunk, chunks))
+        finally:
+            torch.set_num_threads(saved)
+    out = [None] * len(calls)
+    for i, results in enumerate(done):
+        out[i::threads] = results
+    return out
 
 
 def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 def test_fused_equals_members_one_by_one(family, strategy):
     models = FAMILIES[family]()
     ens = Ensemble.from_models(models)
@@ -63,7 +63,7 @@ def test_head_only_group_stores_and_runs_trunk_once():
     models = head_only_members(4)
     ens = Ensemble.from_models(models)
     assert sorted(ens.groups[0].stacked) == ["fc.weight"]
-    for strategy in ("loop", "vmap"):
+    for strategy in ("loop", "vmap", "threads"):
         fused = EnsembleModule(ens, strategy=strategy).eval()
         convs = [m for m in fused.executors[0].net.model.modules() if isinstance(m, torch.nn.Conv2d)]
         calls = []
@@ -81,6 +81,21 @@ def test_head_only_group_stores_and_runs_trunk_once():
     with torch.no_grad():
         fused(X)
     assert len(calls) == 3
+
+
+def test_threads_restore_torch_state_and_carry_the_callers_modes():
+    ens = Ensemble.from_models(FAMILIES["full-resnet"]())
+    auto, threads = EnsembleModule(ens).eval(), EnsembleModule(ens, strategy="threads").eval()
+    assert auto._mode(auto.executors[0], X) == "threads"  # members differ in every block
+    head = EnsembleModule(Ensemble.from_models(head_only_members(3))).eval()
+    assert head._mode(head.executors[0], X) == "loop"  # only classifiers differ: nothing to spread
+    before = torch.get_num_threads()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert threads(X, return_members=True)[1].dtype == EnsembleModule(ens, strategy="loop")(X, return_members=True)[1].dtype
+    assert torch.get_num_threads() == before
+    x = X.clone().requires_grad_(True)
+    threads(x).sum().backward()  # grad mode reaches the worker threads
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_batchnorm_is_folded_into_convolutions_with_the_same_outputs():
