@@ -389,7 +389,10 @@ def ensemble_command(
     for spec in models:
         if is_artifact(spec):
             raise PosthocError(f"{spec} is already an ensemble artifact; pass the checkpoints it was built from")
-        nets.append(load_model(spec, arch=arch))
+        net = load_model(spec, arch=arch)
+        if getattr(net, "returns_probabilities", False):
+            raise PosthocError(f"{spec} is already an ensemble artifact; pass the checkpoints it was built from")
+        nets.append(net)
     _check_label_space(models, nets)
     names = [member_name(s) for s in models]
     ens = Ensemble.from_models(
@@ -472,12 +475,15 @@ def push_command(
     token: Annotated[Optional[str], typer.Option("--token", help="Hub token (default: hf auth login / HF_TOKEN).", show_default=False)] = None,
 ):
     """Upload an artifact to the Hugging Face Hub with its model card; load it back as hf-hub:org/name."""
-    from .hub import push
+    from .hub import hub_spec, push, split_repo
 
     url = push(artifact, repo, private=private, revision=revision, create_pr=create_pr, commit_message=message, token=token)
+    spec = escape(hub_spec(split_repo(repo)[0], None if create_pr else revision))
+    if create_pr:
+        console.print(f"opened pull request {escape(url)}; once it is merged, load it with posthoc.load(\"{spec}\")", highlight=False)
+        return
     console.print(f"pushed {escape(str(artifact))} to {escape(url)}", highlight=False)
-    console.print(f"load it with posthoc.load(\"hf-hub:{escape(repo)}\") or `posthoc eval hf-hub:{escape(repo)} --data DATA`",
-                  highlight=False)
+    console.print(f"load it with posthoc.load(\"{spec}\") or `posthoc eval {spec} --data DATA`", highlight=False)
 
 
 def _summarize(names: list[str], limit: int = 6) -> str:

@@ -8,16 +8,18 @@ Each :class:`~posthoc.ensemble.MemberGroup` runs in a :class:`GroupExecutor`:
    once per batch. For members that differ only in the classifier, the prefix is the whole trunk.
 2. The suffix runs for all K members with ``torch.func.functional_call``, either batched in one pass
    (``vmap``: member tensors batched, the prefix's outputs unbatched; convolutions become grouped
-   convolutions), member after member (``loop``), or members side by side on CPU threads with one
-   intra-op thread each (``threads``). ``auto`` picks ``vmap`` on CUDA, where one wide kernel beats K
+   convolutions), member after member (``loop``), or members side by side on CPU threads that share
+   the intra-op threads out among them (``threads``; measured on 2 cores only). ``auto`` picks ``vmap`` on CUDA, where one wide kernel beats K
    small launches; on CPU, where PyTorch's grouped convolutions are slower than K plain ones,
    ``threads`` when the suffix is more than the classifier (a member's whole network splits across
    cores better than each small convolution does) and ``loop`` otherwise (measured in
    ``benchmarks/inference.py``).
 
-Before the cut, every ``BatchNorm2d`` that directly follows a convolution is folded into it (its
-eval-mode affine map becomes the convolution's weight scale and bias, per member where the tensors are
-member-specific), which saves one pass over each activation; a pair is folded only when both are
+Before the cut, every BatchNorm (``nn.BatchNorm2d`` or timm's ``BatchNormAct2d``, whose activation
+stays) that directly follows a plain convolution (``nn.Conv2d`` or timm's ``Conv2dSame``; weight-
+standardized convolutions are left alone) is folded into it: its eval-mode affine map becomes the
+convolution's weight scale and bias, per member where the tensors are member-specific, which saves one
+pass over each activation; a pair is folded only when both are
 shared or both member-specific, so folding never moves work from the shared prefix to the members.
 
 A model that ``torch.fx`` cannot trace runs whole: under ``vmap`` (which still computes operations on
@@ -59,8 +61,8 @@ class EnsembleModule(nn.Module):
 
     ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA; on CPU
     ``threads`` for heavy member suffixes, else ``loop``), ``vmap``, ``loop`` or ``threads``; shared
-    layers always run once. ``threads`` sets torch's intra-op thread count to 1 while the members run
-    side by side and restores it afterwards (concurrent calls are serialized). ``fold_bn`` folds BatchNorm into the
+    layers always run once. ``threads`` shares torch's intra-op threads out among members running side
+    by side and restores the count afterwards (concurrent calls are serialized). ``fold_bn`` folds BatchNorm into the
     preceding convolutions (outputs equal up to float rounding).
     """
 
@@ -241,9 +243,11 @@ class GroupExecutor(nn.Module):
 
 
 def run_side_by_side(calls: list) -> list:
-    """Run CPU calls concurrently, one per core, each with one intra-op thread; results in order.
+    """Run CPU calls concurrently on ``min(len(calls), threads)`` workers, results in order.
 
-    Torch's intra-op thread count is global, so it is set to 1 for the duration and restored after,
+    The intra-op threads are shared out: each worker gets ``threads // workers`` (one each when there
+    are at least as many calls as threads). Torch's intra-op thread count is global, so it is set for
+    the duration and restored after,
     under a lock (concurrent callers wait their turn instead of corrupting it). Grad, inference-mode
     and CPU autocast state are thread-local: the worker threads get the caller's.
     """
@@ -252,7 +256,10 @@ def run_side_by_side(calls: list) -> list:
     if threads < 2:
         return [c() for c in calls]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    try:
+        autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch < 2.4
+        autocast, autocast_dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
 
     def run_chunk(chunk: list) -> list:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
@@ -267,7 +274,7 @@ def run_side_by_side(calls: list) -> list:
             size = max(threads, os.cpu_count() or 1)
             _POOL = (ThreadPoolExecutor(size, thread_name_prefix="posthoc-member"), size)
         saved = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, saved // threads))
         try:
             done = list(_POOL[0].map(run_chunk, chunks))
         finally:
@@ -279,15 +286,18 @@ def run_side_by_side(calls: list) -> list:
 
 
 def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold each eval-mode ``nn.BatchNorm2d`` that is the only user of an ``nn.Conv2d`` into that conv.
+    """Fold each eval-mode BatchNorm that is the only user of a plain convolution into that conv.
 
-    ``model`` holds member 0 (shared tensors are its own); ``stacked`` maps member-specific tensor
-    names to (K, ...) stacks. The folded conv gets the scaled weight and a bias (torch's
-    ``fuse_conv_bn_weights``), per member when the conv weight is member-specific; the BatchNorm
-    becomes ``nn.Identity``. A shared conv followed by a BatchNorm with member-specific tensors is left
+    BatchNorms: ``nn.BatchNorm2d`` and timm's ``BatchNormAct2d``; convolutions: ``nn.Conv2d`` and timm's
+    ``Conv2dSame`` (not weight-standardized ones, whose forward would undo the scale). ``model`` holds
+    member 0 (shared tensors are its own); ``stacked`` maps member-specific tensor names to (K, ...)
+    stacks. The folded conv gets the scaled weight and a bias (torch's ``fuse_conv_bn_weights``), per
+    member when the conv weight is member-specific; the BatchNorm becomes ``nn.Identity`` (for
+    ``BatchNormAct2d``, its dropout and activation). A shared conv followed by a BatchNorm with member-specific tensors is left
     alone: folding would turn the shared conv into K. Returns the new ``stacked`` dict; ``model`` is
     changed in place. Untraceable models are returned unchanged.
     """
+    from timm.layers import BatchNormAct2d, Conv2dSame
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     stacked = dict(stacked)
@@ -306,7 +316,9 @@ def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[s
         if src.op != "call_module" or len(src.users) != 1 or calls[bn_name] != 1 or calls[src.target] != 1:
             continue
         conv, bn = model.get_submodule(src.target), model.get_submodule(bn_name)
-        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.running_mean is None or not bn.affine:
+        if type(conv) not in (nn.Conv2d, Conv2dSame) or type(bn) not in (nn.BatchNorm2d, BatchNormAct2d):
+            continue
+        if bn.running_mean is None or not bn.affine:
             continue
         conv_keys = [f"{src.target}.{t}" for t in ("weight", "bias") if getattr(conv, t) is not None]
         bn_keys = [f"{bn_name}.{t}" for t in ("running_mean", "running_var", "weight", "bias")]
@@ -340,7 +352,8 @@ def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[s
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias, requires_grad=False)
         owner, _, attr = bn_name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, nn.Identity())
+        after = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
+        setattr(model.get_submodule(owner) if owner else model, attr, after)
     return stacked
 
 

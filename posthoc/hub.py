@@ -11,6 +11,7 @@ line that says what to do.
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,21 +32,30 @@ def split_repo(spec: str) -> tuple[str, str | None]:
 
 
 def hub_config(repo: str, revision: str | None = None) -> dict[str, Any]:
-    """Download (or read from the cache) a Hub repository's ``config.json``."""
-    from huggingface_hub import hf_hub_download
-
-    with hub_errors(repo):
-        file = hf_hub_download(repo, "config.json", revision=revision)
+    """A Hub repository's ``config.json`` (downloaded, or read from the cache; fetched once per process)."""
     try:
-        config = json.loads(Path(file).read_text())
+        config = json.loads(_config_text(repo, revision))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PosthocError(f"config.json of Hub repository '{repo}' is not valid JSON ({first_line(e)})") from e
     return config if isinstance(config, dict) else {}
 
 
+@functools.lru_cache(maxsize=32)
+def _config_text(repo: str, revision: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(repo):
+        return Path(hf_hub_download(repo, "config.json", revision=revision)).read_text()
+
+
 def is_artifact_config(config: dict[str, Any]) -> bool:
     """True for the ``config.json`` of a posthoc artifact (timm configs have no ``posthoc`` section)."""
-    return isinstance(config.get("posthoc"), dict)
+    return isinstance(config, dict) and isinstance(config.get("posthoc"), dict)
+
+
+def hub_spec(repo_id: str, revision: str | None = None) -> str:
+    """The model spec that loads ``repo_id`` (at ``revision``): ``hf-hub:org/name[@rev]``."""
+    return f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
 
 
 def download_artifact(spec: str) -> Path:
@@ -89,7 +99,7 @@ def push(
     if rev is not None:
         raise PosthocError(f"give the branch with --revision, not in the repository id '{repo}'")
     _, config = read(path)  # validates config.json and the weights' size and SHA-256
-    card = render_card(config, load_path=f"hf-hub:{repo_id}")
+    card = render_card(config, load_path=hub_spec(repo_id, None if create_pr else revision))
     operations = [
         CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=str(path / "config.json")),
         CommitOperationAdd(path_in_repo=WEIGHTS, path_or_fileobj=str(path / WEIGHTS)),
@@ -126,6 +136,8 @@ def hub_errors(repo: str, action: str = "fetch") -> Iterator[None]:
             f"'{repo}' is not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1); download it once with network access, or pass a local path"
         ) from e
+    except hf_errors.GatedRepoError as e:
+        raise PosthocError(f"Hub repository '{repo}' is gated; request access on its Hub page, then log in (hf auth login)") from e
     except hf_errors.RepositoryNotFoundError as e:
         raise PosthocError(f"Hub repository '{repo}' does not exist or is private; check the name or log in (hf auth login)") from e
     except hf_errors.RevisionNotFoundError as e:
@@ -137,7 +149,8 @@ def hub_errors(repo: str, action: str = "fetch") -> Iterator[None]:
         if status == 401:
             raise PosthocError(f"the Hub refused to {action} '{repo}' (401, not logged in); run 'hf auth login' or pass --token") from e
         if status == 403:
-            raise PosthocError(f"the Hub refused to {action} '{repo}' (403); your token needs write access to that namespace") from e
+            need = "write access to that namespace" if action != "fetch" else "read access to that repository"
+            raise PosthocError(f"the Hub refused to {action} '{repo}' (403); your token needs {need}") from e
         raise PosthocError(f"could not {action} '{repo}' on the Hugging Face Hub: {first_line(e)}") from e
     except (OSError, *_transport_errors()) as e:  # connection refused, DNS failures, timeouts
         if isinstance(e, OSError) and not isinstance(e, ConnectionError) and "connect" not in str(e).lower():

@@ -5,7 +5,7 @@ Every command that takes a model accepts the same spec:
 ==============================  ===========================================================
 ``resnet50``                    a timm architecture, with timm's default pretrained weights
 ``resnet50.a1_in1k``            a timm architecture with a pretrained tag
-``hf-hub:org/name``             a timm model on the Hugging Face Hub (``config.json`` + weights)
+``hf-hub:org/name[@rev]``       a timm model on the Hugging Face Hub, or a posthoc artifact pushed there
 ``local-dir:PATH`` or ``PATH``  a directory in timm's Hub layout, or a posthoc artifact
 ``weights.safetensors``         a weights file (also ``.pth``, ``.pt``, ``.bin``); needs ``arch``
 ==============================  ===========================================================
@@ -63,17 +63,28 @@ def load_model(
         if _is_artifact(path):
             from .artifact import load
 
-            return load(path)
+            return _check_not_reheaded(load(path), spec, num_classes)
         model = _load_hub_layout_dir(path)
     elif path.suffix.lower() in WEIGHT_SUFFIXES or path.is_file():
         model = _load_weights_file(path, arch)
     elif spec.startswith(("hf-hub:", "hf_hub:")):
         model = _load_from_hub(spec)
+        if getattr(model, "returns_probabilities", False):  # an artifact pushed to the Hub
+            return _check_not_reheaded(model, spec, num_classes)
     else:
         model = _load_timm_name(spec, pretrained)
     if num_classes is not None and num_classes != model.num_classes:
         _reset_head(model, num_classes)
     return model.eval()
+
+
+def _check_not_reheaded(artifact: nn.Module, spec: str, num_classes: int | None) -> nn.Module:
+    if num_classes is not None and num_classes != artifact.num_classes:
+        raise PosthocError(
+            f"{spec} is an ensemble artifact of {artifact.num_classes} classes and cannot be re-headed to "
+            f"{num_classes}; drop --num-classes, or boost the checkpoint it was built from with it"
+        )
+    return artifact
 
 
 def member_name(spec: str) -> str:
@@ -92,7 +103,7 @@ def _is_artifact(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return "posthoc" in json.loads(cfg.read_text())
+        return is_artifact_config(json.loads(cfg.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
 

@@ -93,16 +93,25 @@ def test_threads_restore_torch_state_and_carry_the_callers_modes():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert threads(X, return_members=True)[1].dtype == EnsembleModule(ens, strategy="loop")(X, return_members=True)[1].dtype
     assert torch.get_num_threads() == before
+    seen = []  # what the member threads run under (new threads start with grad on, inference mode off)
+    for member in threads.executors[0].member_modules():
+        member.register_forward_hook(lambda *a: seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled())))
+    with torch.no_grad():
+        threads(X)
+    with torch.inference_mode():
+        threads(X)
+    assert seen == [(False, False)] * 3 + [(False, True)] * 3
     x = X.clone().requires_grad_(True)
-    threads(x).sum().backward()  # grad mode reaches the worker threads
+    threads(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_batchnorm_is_folded_into_convolutions_with_the_same_outputs():
-    for family in ("full-resnet", "head-only"):
+    for family in ("full-resnet", "head-only", "mixed-arch"):  # BatchNorm2d, and timm's BatchNormAct2d
         ens = Ensemble.from_models(FAMILIES[family]())
         folded, plain = EnsembleModule(ens).eval(), EnsembleModule(ens, fold_bn=False).eval()
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.executors[0].net.modules())
+        for ex in folded.executors:  # BatchNormAct2d is a BatchNorm2d subclass: this covers both
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ex.net.modules())
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.executors[0].net.modules())
         assert folded.num_parameters() == plain.num_parameters()  # what is stored, not how it runs
         with torch.no_grad():

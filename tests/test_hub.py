@@ -110,10 +110,13 @@ def test_push_uploads_the_artifact_in_one_commit_with_a_hub_card(hub, artifact, 
     assert "PATH_OR_REPO" in (artifact / "README.md").read_text()  # the local card is left as it was
 
 
-def test_push_to_a_branch_with_a_message(hub, artifact):
-    push(artifact, "me/tiny-deep2", revision="v2", commit_message="second try", token=TOKEN)
+def test_push_to_a_branch_with_a_message(hub, artifact, capsys):
+    argv = ["push", str(artifact), "--repo", "hf-hub:me/tiny-deep2", "--revision", "v2", "-m", "second try", "--token", TOKEN]
+    assert main(argv) == 0
+    assert 'posthoc.load("hf-hub:me/tiny-deep2@v2")' in capsys.readouterr().out
     assert hub.repos["me/tiny-deep2"]["branches"] == ["v2"]
     assert [(c["revision"], c["summary"]) for c in hub.commits] == [("v2", "second try")]
+    assert 'posthoc.load("hf-hub:me/tiny-deep2@v2")' in hub.repos["me/tiny-deep2"]["files"]["README.md"].decode()
 
 
 def test_pushed_artifact_loads_back_offline_from_the_cache(hub, artifact, image_data, monkeypatch, capsys):
@@ -131,6 +134,10 @@ def test_pushed_artifact_loads_back_offline_from_the_cache(hub, artifact, image_
     assert "members" in capsys.readouterr().out
     assert main(["eval", "hf-hub:me/tiny-deep2", "--data", str(image_data), "--no-progress", "-j", "0"]) == 0
     assert "hf-hub:me/tiny-deep2" in capsys.readouterr().out
+    assert main(["eval", "hf-hub:me/tiny-deep2", "--data", str(image_data), "--num-classes", "5"]) == 2
+    assert "is an ensemble artifact of 3 classes and cannot be re-headed" in capsys.readouterr().err
+    assert main(["ensemble", "hf-hub:me/tiny-deep2", str(artifact), "--out", str(artifact.parent / "x")]) == 2
+    assert "hf-hub:me/tiny-deep2 is already an ensemble artifact" in capsys.readouterr().err
 
 
 def test_push_errors_are_one_line(hub, artifact, tmp_path, capsys):
