@@ -55,20 +55,41 @@ def rows(parents: list[str]) -> list[Row]:
     boost = ["boost", p0, "--data", "{data}", "--out", "{out}", "--overwrite", "--no-progress"]
     return [
         Row("parent", "parent", None, nominal_parent_epochs=0.0, notes="s0 as trained (15 epochs)"),
-        Row("deep4", "deep ensemble (4)", ["ensemble", *parents, "--out", "{out}", "--overwrite"],
-            nominal_parent_epochs=4 * PARENT_EPOCHS_OF_PARENT, notes="s0..s3, probability mean; cost = 4 x 15 epochs"),
+        Row(
+            "deep4",
+            "deep ensemble (4)",
+            ["ensemble", *parents, "--out", "{out}", "--overwrite"],
+            nominal_parent_epochs=4 * PARENT_EPOCHS_OF_PARENT,
+            notes="s0..s3, probability mean; cost = 4 x 15 epochs",
+        ),
         Row("noisy", "noisy", [*boost[:2], "--method", "noisy", *boost[2:]], notes="defaults"),
-        Row("noisy-scope", "noisy --scope 2", [*boost[:2], "--method", "noisy", *boost[2:], "--scope", "2"],
-            notes="mutations in the last 2 blocks + classifier only"),
-        Row("resample-mean", "resample-mean", [*boost[:2], "--method", "resample", *boost[2:], "--members", "0"],
-            notes="one fine-tune epoch, the Welford mean model"),
+        Row(
+            "noisy-scope",
+            "noisy --last-layers 3",
+            [*boost[:2], "--method", "noisy", *boost[2:], "--last-layers", "3"],
+            notes="mutations in the classifier and the last 2 blocks only",
+        ),
+        Row(
+            "resample-mean",
+            "resample-mean",
+            [*boost[:2], "--method", "resample", *boost[2:], "--members", "1", "--include-mean"],
+            notes="one fine-tune epoch, the Welford mean model",
+        ),
         Row("resample", "resample K=8", [*boost[:2], "--method", "resample", *boost[2:]], notes="defaults"),
         Row("lastlayer", "lastlayer", [*boost[:2], "--method", "lastlayer", *boost[2:]], notes="s0, retraining only"),
-        Row("supernet", "supernet (s0)", [*boost[:2], "--method", "supernet", *boost[2:]],
-            notes="4 copies of s0 with retrained last layers, coupled"),
-        Row("supernet4", "supernet (s0..s3)", ["boost", *parents, *boost[2:], "--method", "supernet"],
+        Row(
+            "supernet",
+            "supernet (s0)",
+            [*boost[:2], "--method", "supernet", *boost[2:]],
+            notes="4 copies of s0 with retrained last layers, coupled",
+        ),
+        Row(
+            "supernet4",
+            "supernet (s0..s3)",
+            ["boost", *parents, *boost[2:], "--method", "supernet"],
             base_parent_epochs=4 * PARENT_EPOCHS_OF_PARENT,
-            notes="couples the deep ensemble's four parents; cost includes their 4 x 15 training epochs"),
+            notes="couples the deep ensemble's four parents; cost includes their 4 x 15 training epochs",
+        ),
     ]
 
 
@@ -98,7 +119,9 @@ def parent_epoch_seconds(parent: str, data: Path) -> float:
     from posthoc.data import image_folder, make_loader, resolve_data_config, train_transform
 
     model = load_model(parent)
-    loader = make_loader(image_folder(data, "train", train_transform(resolve_data_config(model))), 128, shuffle=True, drop_last=True)
+    loader = make_loader(
+        image_folder(data, "train", train_transform(resolve_data_config(model))), 128, shuffle=True, drop_last=True
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     start = time.perf_counter()
@@ -143,8 +166,10 @@ def run(cmd: list[str], log: Path) -> float:
 
 # ---------------------------------------------------------------------------------------- output
 def write_table(records: list[dict], path: Path) -> str:
-    head = ("| row | top-1 (%) | NLL | ECE (%) | Brier | members | params (M) | MB | cost (s) | parent-epochs | "
-            "inference (x parent) |")
+    head = (
+        "| row | top-1 (%) | NLL | ECE (%) | Brier | members | params (M) | MB | cost (s) | parent-epochs | "
+        "inference (x parent) |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         m = r["metrics"]
@@ -190,8 +215,13 @@ def plot_reliability(records: list[dict], path: Path) -> None:
     for r in records:
         bins = [b for b in r.get("reliability", []) if b["count"] > 0]
         if bins:
-            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
-                    label=f"{r['name']} (ECE {r['metrics']['ece']:.2f}%)")
+            ax.plot(
+                [b["confidence"] for b in bins],
+                [b["accuracy"] for b in bins],
+                marker="o",
+                markersize=3,
+                label=f"{r['name']} (ECE {r['metrics']['ece']:.2f}%)",
+            )
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_title("CIFAR-10 report split: reliability")
@@ -246,8 +276,10 @@ def main() -> None:
             wall = run(cmd, work / f"{row.key}.build.log")
             target = str(art)
         result_json = work / f"{row.key}.eval.json"
-        run(["eval", target, "--data", str(data), "--split", "val:report", "--results-file", str(result_json), "--no-progress"],
-            work / f"{row.key}.eval.log")
+        run(
+            ["eval", target, "--data", str(data), "--split", "val:report", "--results-file", str(result_json), "--no-progress"],
+            work / f"{row.key}.eval.log",
+        )
         result = json.loads(result_json.read_text())
         ratio = speed_ratio(load(art), parent_model) if row.build is not None else 1.0
         cost = row.nominal_parent_epochs if row.nominal_parent_epochs is not None else row.base_parent_epochs + wall / epoch_s
@@ -272,8 +304,11 @@ def main() -> None:
             "machine": machine,
         }
         m = previous[row.key]["metrics"]
-        print(f"  top-1 {m['top1']:.2f}  NLL {m['nll']:.4f}  ECE {m['ece']:.2f}  cost {cost:.2f} parent-epochs  "
-              f"inference x{ratio:.2f}", flush=True)
+        print(
+            f"  top-1 {m['top1']:.2f}  NLL {m['nll']:.4f}  ECE {m['ece']:.2f}  cost {cost:.2f} parent-epochs  "
+            f"inference x{ratio:.2f}",
+            flush=True,
+        )
         results_file.write_text(json.dumps(list(_ordered(previous, all_rows)), indent=1) + "\n")
 
     if any(r.build is not None and r.nominal_parent_epochs is None for r in wanted):

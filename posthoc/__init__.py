@@ -8,11 +8,12 @@ Typical use::
     probs = ens(images)                                  # (B, C) class probabilities
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .artifact import load, save  # noqa: E402
-from .ensemble import Combine, Ensemble, MemberGroup  # noqa: E402
-from .errors import PosthocError  # noqa: E402
-from .sources import load_model  # noqa: E402
+from .artifact import save
+from .ensemble import Combine, Ensemble, MemberGroup, Provenance
+from .errors import PosthocError
+from .sources import load_artifact as load
+from .sources import load_model
 
-__all__ = ["Combine", "Ensemble", "MemberGroup", "PosthocError", "load", "load_model", "save", "__version__"]
+__all__ = ["Combine", "Ensemble", "MemberGroup", "PosthocError", "Provenance", "__version__", "load", "load_model", "save"]

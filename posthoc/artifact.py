@@ -7,10 +7,14 @@ Layout of ``model.safetensors`` (one file, no pickles):
 - ``coupling.weight`` / ``coupling.bias``: the learned combine layer, when the rule is ``coupling``.
 
 ``config.json`` records the format version, each group's timm config (architecture, ``model_args``,
-``pretrained_cfg``), the members, the combine rule, the method and every hyper-parameter it used, the
-metrics measured at build time, the data it tuned on, the versions of posthoc / torch / timm, and the
-size and SHA-256 of ``model.safetensors`` (checked on load, so a modified or truncated artifact fails
-with one clear line). ``README.md`` is a Hub model card rendered from ``model_cards/``.
+``pretrained_cfg``), the members, the combine rule, the :class:`~posthoc.ensemble.Provenance` (method,
+every hyper-parameter, what it measured, the data it tuned on, build-time metrics, command), the
+versions of posthoc / torch / timm, and the size and SHA-256 of ``model.safetensors`` (checked on load,
+so a modified or truncated artifact fails with one clear line). ``README.md`` is a Hub model card
+rendered from ``model_cards/``.
+
+This is the only module that knows the format: "is this an artifact?" (:func:`is_artifact_config`,
+:func:`is_artifact_dir`), reading, writing, summarising and publishing one.
 
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at the
 end, so an interrupted run never leaves a half-written artifact.
@@ -30,17 +34,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .ensemble import Combine, Ensemble, MemberGroup
-from .errors import PosthocError
+from .card import render_card
+from .ensemble import Combine, Ensemble, MemberGroup, Provenance
+from .errors import PosthocError, first_line
+from .fused import EnsembleModule
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
+FILES = (CONFIG, WEIGHTS, CARD)
 
 
-def save(ensemble: Ensemble, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``ensemble`` to the directory ``out`` atomically and return its path."""
+def save(ensemble: Ensemble, out: str | Path, provenance: Provenance | None = None, *, overwrite: bool = False) -> Path:
+    """Write ``ensemble`` and how it was made (``provenance``) to the directory ``out`` atomically; return ``out``."""
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -49,10 +56,8 @@ def save(ensemble: Ensemble, out: str | Path, *, overwrite: bool = False) -> Pat
     try:
         tensors = _tensors(ensemble)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a deterministic header
-        config = _config(ensemble, tmp / WEIGHTS)
+        config = _config(ensemble, provenance or Provenance(), tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        from .card import render_card
-
         (tmp / CARD).write_text(render_card(config))
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -73,9 +78,7 @@ def check_output(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
-    from .sources import is_artifact
-
-    if not out.is_dir() or (any(out.iterdir()) and not is_artifact(str(out))):
+    if not out.is_dir() or (any(out.iterdir()) and not is_artifact_dir(out)):
         raise PosthocError(f"--overwrite replaces artifacts only, and {out} is not one; choose another --out")
 
 
@@ -101,7 +104,7 @@ def read(path: str | Path) -> tuple[Ensemble, dict[str, Any]]:
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
-        raise PosthocError(f"cannot read {weights}: {str(e).splitlines()[0]}; the file is corrupt") from e
+        raise PosthocError(f"cannot read {weights}: {first_line(e)}; the file is corrupt") from e
     return _ensemble(config, tensors, path), config
 
 
@@ -115,10 +118,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PosthocError(f"{file} is not valid JSON ({e}); the artifact is damaged, rebuild it") from e
-    meta = config.get("posthoc") if isinstance(config, dict) else None
-    if not isinstance(meta, dict):
+    if not is_artifact_config(config):
         raise PosthocError(f"{path} is not a posthoc artifact ({CONFIG} has no 'posthoc' section)")
-    version = meta.get("format_version")
+    version = config["posthoc"].get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PosthocError(
             f"{path} uses artifact format {version}, newer than this posthoc reads ({FORMAT_VERSION}); upgrade posthoc"
@@ -126,42 +128,125 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True):
-    """Load an artifact as one ``torch.nn.Module`` (see :class:`posthoc.fused.EnsembleModule`).
+def is_artifact_config(config: Any) -> bool:
+    """True for the ``config.json`` of a posthoc artifact (timm configs have no ``posthoc`` section)."""
+    return isinstance(config, dict) and isinstance(config.get("posthoc"), dict)
 
-    ``path`` is an artifact directory or ``hf-hub:org/name`` for one pushed with ``posthoc push``.
-    ``strategy`` and ``fold_bn`` (BatchNorm folded into convolutions) are :class:`EnsembleModule`'s.
 
-    ``forward(x)`` returns the ensemble's class probabilities (B, C); ``forward(x,
-    return_members=True)`` also returns per-member probabilities (K, B, C). The module is in eval
-    mode and carries ``pretrained_cfg`` (preprocessing) and ``posthoc_config`` (the config.json).
+def is_artifact_dir(path: str | Path) -> bool:
+    """True when the directory ``path`` holds a posthoc artifact's ``config.json``."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        return False
+    try:
+        return is_artifact_config(json.loads(file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True, name: str | None = None):
+    """Load the artifact in the local directory ``path`` as one module (:class:`posthoc.fused.EnsembleModule`).
+
+    ``strategy`` and ``fold_bn`` (BatchNorm folded into convolutions) are :class:`EnsembleModule`'s;
+    ``name`` is what results call the model (default: the path). ``posthoc.load`` also takes
+    ``hf-hub:org/name`` (see :func:`posthoc.sources.load_artifact`).
     """
-    from .fused import EnsembleModule
-
-    name = str(path)
-    path = resolve(path)
+    path = Path(path)
     ensemble, config = read(path)
     try:
         module = EnsembleModule(ensemble, strategy=strategy, fold_bn=fold_bn).eval()
     except RuntimeError as e:  # state dict keys or shapes that this timm does not build
         raise PosthocError(
-            f"{path}: its tensors do not fit the architecture this timm builds ({str(e).splitlines()[0][:160]}); "
+            f"{path}: its tensors do not fit the architecture this timm builds ({first_line(e)[:160]}); "
             f"the artifact is damaged or needs timm {config['posthoc'].get('timm_version')}"
         ) from e
     module.posthoc_config = config
-    module.posthoc_name = name
+    module.posthoc_name = name or str(path)
     return module
 
 
-def resolve(path: str | Path) -> Path:
-    """The local directory of an artifact: ``PATH``, ``local-dir:PATH``, or ``hf-hub:org/name[@rev]``
-    (downloaded through the Hugging Face cache, see :mod:`posthoc.hub`)."""
-    spec = str(path)
-    if spec.startswith(("hf-hub:", "hf_hub:")):
-        from .hub import download_artifact
+def push(
+    path: str | Path,
+    repo: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Upload the artifact in ``path`` to a Hub model repository (created when absent) in one commit; return its URL.
 
-        return download_artifact(spec)
-    return Path(spec.removeprefix("local-dir:"))
+    The weights are checked against the SHA-256 in ``config.json`` first, so a damaged artifact is never
+    published. The model card is rendered again with ``hf-hub:REPO`` in its usage lines.
+    """
+    from .hub import commit, hub_spec, split_repo
+
+    path = Path(path)
+    repo_id, rev = split_repo(repo)
+    if rev is not None:
+        raise PosthocError(f"give the branch with --revision, not in the repository id '{repo}'")
+    _, config = read(path)  # validates config.json and the weights' size and SHA-256
+    card = render_card(config, load_path=hub_spec(repo_id, None if create_pr else revision))
+    files = {CONFIG: str(path / CONFIG), WEIGHTS: str(path / WEIGHTS), CARD: card.encode()}
+    message = commit_message or f"Upload {config['method']['name']} ensemble ({config['num_members']} members) with posthoc"
+    return commit(
+        repo_id, files, message=message, private=private, revision=revision, create_pr=create_pr, token=token, endpoint=endpoint
+    )
+
+
+def summarize(config: dict[str, Any], path: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(label, text)`` rows describing an artifact: members, combine rule, what is shared, sizes,
+    versions, hyper-parameters and stored metrics (what ``posthoc info`` prints)."""
+    method, combine = config["method"], config["combine"]
+    provenance = Provenance.from_config(config)
+    rows = [
+        ("method", method["name"]),
+        ("members", f"{config['num_members']}: " + ", ".join(m["name"] for m in config["members"])),
+    ]
+    rule = combine["rule"] + (f" (temperature {combine['temperature']:.3g})" if combine.get("temperature", 1) != 1 else "")
+    rows.append(("combine", rule + (", parent included" if provenance.include_parent else "")))
+    rows.append(("classes", str(config["num_classes"])))
+    for g, group in enumerate(config["groups"]):
+        member_names = group["member_tensors"]
+        total = group["shared_numel"] + group["member_numel"] // max(len(group["members"]), 1)
+        share = 100.0 * group["shared_numel"] / max(total, 1)
+        rows.append(
+            (
+                f"group {g}",
+                f"{group['timm_config']['architecture']} x{len(group['members'])}: {len(group['shared_tensors'])} tensors shared "
+                f"({group['shared_numel'] / 1e6:.2f}M elements, {share:.0f}% of a member), {len(member_names)} member-specific "
+                f"({group['member_numel'] / 1e6:.2f}M elements in all)",
+            )
+        )
+        if member_names:
+            rows.append(("", "member-specific: " + _module_summary(member_names)))
+    stored = sum(g["shared_numel"] + g["member_numel"] for g in config["groups"])
+    rows.append(("stored elements", f"{stored / 1e6:.2f}M"))
+    if path is not None:
+        rows.append(("size on disk", f"{size_mb(path):.1f} MB"))
+    meta = config["posthoc"]
+    rows.append(("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}"))
+    if provenance.config:
+        rows.append(("hyper-parameters", ", ".join(f"{k}={v}" for k, v in provenance.config.items())))
+    for split, metrics in provenance.metrics.items():
+        if isinstance(metrics, dict):
+            rows.append(
+                (f"metrics ({split})", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+            )
+    return rows
+
+
+def _module_summary(names: list[str], limit: int = 6) -> str:
+    """Tensor names grouped by their module prefix, e.g. 'layer4.* (30), fc.* (2)'."""
+    groups: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        groups[key] = groups.get(key, 0) + 1
+    items = [f"{k}.* ({v})" for k, v in groups.items()]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -170,7 +255,7 @@ def _tensors(ensemble: Ensemble) -> dict[str, torch.Tensor]:
     for g, group in enumerate(ensemble.groups):
         for name, t in group.shared.items():
             out[f"groups.{g}.shared.{name}"] = t.detach().cpu().contiguous()
-        for name, t in group.stacked.items():
+        for name, t in group.member_tensors.items():
             out[f"groups.{g}.members.{name}"] = t.detach().cpu().contiguous()
     if ensemble.combine.coupling_weight is not None:
         out["coupling.weight"] = ensemble.combine.coupling_weight.detach().cpu().contiguous()
@@ -178,7 +263,7 @@ def _tensors(ensemble: Ensemble) -> dict[str, torch.Tensor]:
     return out
 
 
-def _config(ensemble: Ensemble, weights: Path) -> dict[str, Any]:
+def _config(ensemble: Ensemble, provenance: Provenance, weights: Path) -> dict[str, Any]:
     import timm
 
     from . import __version__
@@ -191,7 +276,7 @@ def _config(ensemble: Ensemble, weights: Path) -> dict[str, Any]:
                 "timm_config": group.timm_config,
                 "members": group.member_names,
                 "shared_tensors": sorted(group.shared),
-                "member_tensors": sorted(group.stacked),
+                "member_tensors": sorted(group.member_tensors),
                 "shared_numel": shared_n,
                 "member_numel": member_n,
             }
@@ -204,17 +289,22 @@ def _config(ensemble: Ensemble, weights: Path) -> dict[str, Any]:
             "torch_version": torch.__version__,
             "timm_version": timm.__version__,
         },
-        "method": {"name": ensemble.method, "config": ensemble.method_config},
+        "method": {
+            "name": provenance.method,
+            "config": provenance.config,
+            "measured": provenance.measured,
+            "include_parent": provenance.include_parent,
+        },
         "combine": ensemble.combine.to_config(),
         "num_classes": ensemble.num_classes,
         "num_members": ensemble.num_members,
         "members": members,
         "groups": groups,
         "pretrained_cfg": ensemble.pretrained_cfg,
-        "sources": ensemble.sources,
-        "data": ensemble.data,
-        "metrics": ensemble.metrics,
-        "command": ensemble.command,
+        "sources": provenance.sources,
+        "data": provenance.data,
+        "metrics": provenance.metrics,
+        "command": provenance.command,
         "files": {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
     }
 
@@ -226,35 +316,26 @@ def _ensemble(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
             raise PosthocError(f"{path}: config.json is malformed; the artifact is damaged")
         for g, spec in enumerate(config["groups"]):
             shared = {n: tensors.pop(f"groups.{g}.shared.{n}") for n in spec["shared_tensors"]}
-            stacked = {n: tensors.pop(f"groups.{g}.members.{n}") for n in spec["member_tensors"]}
+            member = {n: tensors.pop(f"groups.{g}.members.{n}") for n in spec["member_tensors"]}
             k = len(spec["members"])
-            bad = [n for n, t in stacked.items() if t.shape[0] != k]
+            bad = [n for n, t in member.items() if t.shape[0] != k]
             if bad:
                 raise PosthocError(f"{path}: member tensor {bad[0]} does not have {k} members; the artifact is damaged")
-            groups.append(MemberGroup(spec["timm_config"], list(spec["members"]), shared, stacked))
+            groups.append(MemberGroup(spec["timm_config"], list(spec["members"]), shared, member))
         combine_cfg = dict(config["combine"])
         combine = Combine(
             rule=combine_cfg["rule"],
             temperature=float(combine_cfg.get("temperature", 1.0)),
-            include_parent=bool(combine_cfg.get("include_parent", False)),
             coupling_weight=tensors.pop("coupling.weight", None),
             coupling_bias=tensors.pop("coupling.bias", None),
         )
-        method = config["method"]["name"]
     except (KeyError, TypeError) as e:
         raise PosthocError(f"{path}: config.json and {WEIGHTS} disagree (missing {e}); the artifact is damaged") from e
     if tensors:
-        raise PosthocError(f"{path}: {WEIGHTS} holds tensors config.json does not list ({next(iter(tensors))}); the artifact is damaged")
-    return Ensemble(
-        groups=groups,
-        combine=combine,
-        method=method,
-        method_config=config["method"].get("config", {}),
-        metrics=config.get("metrics", {}),
-        sources=config.get("sources", []),
-        data=config.get("data", {}),
-        command=config.get("command"),
-    )
+        raise PosthocError(
+            f"{path}: {WEIGHTS} holds tensors config.json does not list ({next(iter(tensors))}); the artifact is damaged"
+        )
+    return Ensemble(groups=groups, combine=combine)
 
 
 def _sha256(path: Path) -> str:

@@ -1,32 +1,87 @@
-"""``boost``: load parents and data, run a method, measure, write the artifact.
+"""Building artifacts: ``boost`` (load parents and data, run a method, measure, write) and
+``ensemble_checkpoints`` (a plain deep ensemble).
 
-This is the library behind ``posthoc boost``; every method goes through it, so every artifact records
-its data, hyper-parameters, cost and build-time metrics the same way.
+Every method goes through :func:`boost`, so every artifact records its data, hyper-parameters,
+measurements and build-time metrics the same way (a :class:`~posthoc.ensemble.Provenance`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from torch import nn
 
 from . import data as data_mod
 from .artifact import check_output, save
+from .ensemble import Combine, Ensemble, Provenance
 from .errors import PosthocError
 from .evaluate import evaluate
 from .fused import EnsembleModule
 from .methods import BoostContext, get_method, make_config
 from .methods.base import Stopwatch
 from .runtime import resolve_device, seed_everything
-from .sources import load_model
+from .sources import is_artifact, load_model, member_name
+
+BUILD_METRICS = ("top1", "top5", "nll", "ece", "brier", "member_top1", "disagreement")
 
 
 def default_out(specs: list[str], method: str) -> Path:
     """``runs/<first model>-<method>``: a readable default output directory."""
     name = Path(specs[0].split(":", 1)[-1].rstrip("/")).name or specs[0]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if Path(name).suffix in (".safetensors", ".pth", ".pt", ".bin") else name)
+    name = re.sub(
+        r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if Path(name).suffix in (".safetensors", ".pth", ".pt", ".bin") else name
+    )
     return Path("runs") / f"{name}-{method}"
+
+
+def check_label_space(specs: Sequence[str], models: Sequence[nn.Module]) -> None:
+    """Models to combine must predict the same classes in the same order; one line naming the odd one out."""
+    first = models[0]
+    for spec, model in zip(specs[1:], models[1:]):
+        if getattr(model, "returns_probabilities", False):
+            raise PosthocError(f"{spec} is already an ensemble artifact; pass the checkpoints it was built from")
+        if model.num_classes != first.num_classes:
+            raise PosthocError(
+                f"{spec} predicts {model.num_classes} classes but {specs[0]} predicts {first.num_classes}; members must share a label space"
+            )
+        a, b = first.pretrained_cfg.get("label_names"), model.pretrained_cfg.get("label_names")
+        if a and b and list(a) != list(b):
+            raise PosthocError(f"{spec} orders its classes differently from {specs[0]}; members must share a label space")
+    if getattr(first, "returns_probabilities", False):
+        raise PosthocError(f"{specs[0]} is already an ensemble artifact; pass the checkpoints it was built from")
+
+
+def ensemble_checkpoints(
+    specs: list[str],
+    out: str | Path,
+    *,
+    combine: str = "prob_mean",
+    arch: str | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> Ensemble:
+    """Write a deep-ensemble artifact of several checkpoints (members may differ in architecture)."""
+    if len(specs) < 2:
+        raise PosthocError("an ensemble needs at least two models")
+    if combine == "coupling":
+        raise PosthocError("the coupling rule needs training; use 'posthoc boost ... --method supernet'")
+    out = Path(out)
+    check_output(out, overwrite)
+    models = []
+    for spec in specs:  # in order, so the first artifact among them is the one named
+        model = None if is_artifact(spec) else load_model(spec, arch=arch)
+        if model is None or getattr(model, "returns_probabilities", False):
+            raise PosthocError(f"{spec} is already an ensemble artifact; pass the checkpoints it was built from")
+        models.append(model)
+    check_label_space(specs, models)
+    ensemble = Ensemble.from_models(models, [member_name(s) for s in specs], Combine(rule=combine))
+    provenance = Provenance(method="ensemble", config={"combine": combine}, sources=list(specs), command=command)
+    save(ensemble, out, provenance, overwrite=overwrite)
+    return ensemble
 
 
 def boost(
@@ -46,6 +101,7 @@ def boost(
     overwrite: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
     command: str | None = None,
     **config: Any,
 ) -> dict[str, Any]:
@@ -59,16 +115,18 @@ def boost(
         train_split: images a method may train on.
         val_split: split whose *select* part (``select_size`` images, default 40%) a method tunes and
             selects on; its *report* part is never touched.
+        warn: where deprecation lines go (default: Python warnings).
         **config: the method's hyper-parameters (its ``Config`` fields).
 
     Returns:
         A summary: ``out``, ``seconds`` (method wall time), the ensemble's and the first parent's
-        metrics on the select part, and what the method measured (``notes``).
+        metrics on the select part, what the method measured (``notes``), and ``members``.
     """
     method_cls = get_method(method)
-    cfg = make_config(method_cls.Config, config)
+    cfg = make_config(method_cls.Config, config, warn=warn)
     if len(models) < method_cls.min_parents or (method_cls.max_parents is not None and len(models) > method_cls.max_parents):
-        allowed = f"{method_cls.min_parents}" + ("" if method_cls.max_parents == method_cls.min_parents else f" to {method_cls.max_parents or 'any number of'}")
+        most = method_cls.max_parents
+        allowed = f"{method_cls.min_parents}" + ("" if most == method_cls.min_parents else f" to {most or 'any number of'}")
         raise PosthocError(f"method '{method}' takes {allowed} model(s), got {len(models)}")
     out = Path(out) if out is not None else default_out(models, method)
     check_output(out, overwrite)  # before any work, not after an hour of it
@@ -76,9 +134,7 @@ def boost(
     parents = [load_model(spec, arch=arch, num_classes=num_classes).to(dev) for spec in models]
     if any(getattr(p, "returns_probabilities", False) for p in parents):
         raise PosthocError("boost starts from checkpoints, not from an ensemble artifact; pass the model it was built from")
-    for spec, p in zip(models[1:], parents[1:]):
-        if p.num_classes != parents[0].num_classes:
-            raise PosthocError(f"{spec} predicts {p.num_classes} classes but {models[0]} predicts {parents[0].num_classes}")
+    check_label_space(models, parents)
     data_config = data_mod.resolve_data_config(parents[0], preprocessing)
     labels = parents[0].pretrained_cfg.get("label_names")
     select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
@@ -116,32 +172,40 @@ def boost(
     )
     seed_everything(cfg.seed)
     clock = Stopwatch()
-    ensemble = method_cls(cfg).build(ctx)
+    runner = method_cls(cfg)
+    ensemble = runner.build(ctx)
     seconds = clock.seconds
 
     loader = data_mod.make_loader(select_set, 256, workers=workers)
-    module = EnsembleModule(ensemble).to(dev)
-    ens_metrics = _scalars(evaluate(module, loader, device=dev, show_progress=False))
+    ens_metrics = _scalars(evaluate(EnsembleModule(ensemble).to(dev), loader, device=dev, show_progress=False))
     parent_metrics = _scalars(evaluate(parents[0], loader, device=dev, show_progress=False))
-    ensemble.method = method
-    ensemble.method_config = {**dataclasses.asdict(cfg), "measured": ctx.notes}
-    ensemble.sources = list(models)
-    ensemble.command = command
-    ensemble.data = {
-        "dataset": str(data),
-        "train_split": train_split,
-        "tuned_on": str(select_spec),
-        "select_size": len(select_set),
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+    provenance = Provenance(
+        method=method,
+        config=dataclasses.asdict(cfg),
+        measured=ctx.notes,
+        include_parent=runner.includes_parent(),
+        sources=list(models),
+        data={
+            "dataset": str(data),
+            "train_split": train_split,
+            "tuned_on": str(select_spec),
+            "select_size": len(select_set),
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        },
+        # wall time is reported, not stored: the same seed must give a bit-identical artifact
+        metrics={str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics},
+        command=command,
+    )
+    save(ensemble, out, provenance, overwrite=overwrite)
+    return {
+        "out": str(out),
+        "seconds": seconds,
+        "ensemble": ens_metrics,
+        "parent": parent_metrics,
+        "notes": ctx.notes,
+        "members": ensemble.num_members,
     }
-    # wall time is reported, not stored: the same seed must give a bit-identical artifact
-    ensemble.metrics = {str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics}
-    save(ensemble, out, overwrite=overwrite)
-    return {"out": str(out), "seconds": seconds, "ensemble": ens_metrics, "parent": parent_metrics, "notes": ctx.notes,
-            "members": ensemble.num_members}
 
 
 def _scalars(result: dict[str, Any]) -> dict[str, float]:
-    keys = ("top1", "top5", "nll", "ece", "brier", "member_top1", "disagreement")
-    return {k: result[k] for k in keys if k in result}
-
+    return {k: result[k] for k in BUILD_METRICS if k in result}

@@ -1,16 +1,27 @@
-"""Hub model cards for artifacts, rendered from the templates in ``model_cards/``."""
+"""Hub model cards for artifacts: ``huggingface_hub.ModelCard`` rendered from ``model_cards/``.
+
+The front matter is a ``ModelCardData`` (library, license, tags, base models) whose ``eval_results``
+carry the metrics measured at build time, so the Hub renders them; the body is the Jinja template in
+``model_cards/ensemble.md``.
+"""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 from pathlib import Path
-from string import Template
 from typing import Any
 
 METHOD_TEXT = {
     "ensemble": "A deep ensemble: independently obtained checkpoints of one label space, combined as they are.",
 }
+RULE_TEXT = {
+    "prob_mean": " (softmax of each member, then the mean)",
+    "logit_mean": " (mean of the members' logits, then softmax)",
+    "vote": " (fraction of members voting for each class)",
+    "coupling": " (a learned linear layer over the members' concatenated penultimate features)",
+}
+CARD_METRICS = (("top1", "accuracy", "top-1 (%)"), ("nll", "nll", "NLL"), ("ece", "ece", "ECE (%)"), ("brier", "brier", "Brier"))
 
 
 def register_method_text(name: str, text: str) -> None:
@@ -31,34 +42,38 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
 
     ``load_path`` is what the card's usage lines load: ``hf-hub:org/name`` once the artifact is pushed.
     """
-    text = template_text(template)
+    from huggingface_hub import ModelCard, ModelCardData
+
     cfg = config.get("pretrained_cfg", {})
     combine = config["combine"]
+    method = config["method"]
     meta = config["posthoc"]
     sources = config.get("sources") or []
     names = [m["name"] for m in config["members"]]
     shared = sum(g["shared_numel"] for g in config["groups"])
     member = sum(g["member_numel"] for g in config["groups"])
-    hub_sources = [s.split(":", 1)[1] for s in sources if s.startswith("hf-hub:")]
-    rule_text = {
-        "prob_mean": " (softmax of each member, then the mean)",
-        "logit_mean": " (mean of the members' logits, then softmax)",
-        "vote": " (fraction of members voting for each class)",
-        "coupling": " (a learned linear layer over the members' concatenated penultimate features)",
-    }[combine["rule"]]
+    title = f"{method['name']} ensemble of {config['groups'][0]['timm_config']['architecture']}"
+    rule_text = RULE_TEXT[combine["rule"]]
     if combine.get("temperature", 1.0) != 1.0:
         rule_text += f", temperature {combine['temperature']:.3g}"
-    if combine.get("include_parent"):
+    if method.get("include_parent"):
         rule_text += "; the parent model is one of the members"
+    card_data = ModelCardData(
+        library_name="posthoc",
+        license=cfg.get("license", "other"),
+        pipeline_tag="image-classification",
+        tags=["image-classification", "timm", "posthoc", "ensemble", method["name"]],
+        base_model=[s.split(":", 1)[1].partition("@")[0] for s in sources if s.startswith("hf-hub:")] or None,
+        model_name=title,
+        eval_results=_eval_results(config) or None,
+    )
     values = {
-        "license": cfg.get("license", "other"),
-        "method": config["method"]["name"],
-        "base_models": ("base_model:\n" + "".join(f"- {s}\n" for s in hub_sources)).rstrip() if hub_sources else "",
-        "title": f"{config['method']['name']} ensemble of {config['groups'][0]['timm_config']['architecture']}",
+        "title": title,
+        "method": method["name"],
         "num_members": config["num_members"],
         "num_classes": config["num_classes"],
         "source_text": ", ".join(f"`{s}`" for s in sources) if sources else "its members",
-        "method_text": METHOD_TEXT.get(config["method"]["name"], ""),
+        "method_text": METHOD_TEXT.get(method["name"], ""),
         "member_list": ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""),
         "rule": combine["rule"],
         "rule_text": rule_text,
@@ -71,21 +86,45 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
         "mean": tuple(cfg.get("mean", ())),
         "std": tuple(cfg.get("std", ())),
         "command_text": f"```bash\n{config['command']}\n```" if config.get("command") else "Built with the posthoc Python API.",
-        "method_config": json.dumps(config["method"].get("config", {}), indent=2),
+        "method_config": json.dumps(method.get("config", {}), indent=2),
         "posthoc_version": meta.get("posthoc_version"),
         "torch_version": meta.get("torch_version"),
         "timm_version": meta.get("timm_version"),
     }
-    return Template(text).safe_substitute(values).replace("\n\n\n", "\n\n")
+    card = ModelCard.from_template(card_data, template_str=template_text(template), **values)
+    return str(card.content).replace("\n\n\n", "\n\n")
+
+
+def _eval_results(config: dict[str, Any]) -> list:
+    from huggingface_hub import EvalResult
+
+    dataset = Path(str((config.get("data") or {}).get("dataset", "data"))).name or "data"
+    results = []
+    for split, m in (config.get("metrics") or {}).items():
+        if not isinstance(m, dict) or split.startswith("parent"):
+            continue
+        for key, metric_type, label in CARD_METRICS:
+            if isinstance(m.get(key), (int, float)):
+                results.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        dataset_type="imagefolder",
+                        dataset_name=dataset,
+                        dataset_split=split,
+                        metric_type=metric_type,
+                        metric_name=label,
+                        metric_value=round(float(m[key]), 4),
+                    )
+                )
+    return results
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = [(split, m) for split, m in metrics.items() if isinstance(m, dict)]
     if not rows:
         return "No metrics were recorded at build time. Run `posthoc eval` on held-out data."
-    keys = [("top1", "top-1 (%)"), ("nll", "NLL"), ("ece", "ECE (%)"), ("brier", "Brier")]
-    lines = ["| data | " + " | ".join(label for _, label in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| data | " + " | ".join(label for _, _, label in CARD_METRICS) + " |", "|---" * (len(CARD_METRICS) + 1) + "|"]
     for split, m in rows:
-        cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "" for k, _ in keys]
+        cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "" for k, _, _ in CARD_METRICS]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

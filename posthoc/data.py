@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class SplitSpec:
     part: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "SplitSpec":
+    def parse(cls, text: str) -> SplitSpec:
         split, _, part = text.partition(":")
         if not split:
             raise PosthocError(f"split '{text}' is empty; write e.g. 'val' or 'val:report'")
@@ -167,7 +168,7 @@ def part_indices(dataset: datasets.ImageFolder, part: str | None, select_size: i
 
 def default_select_size(n: int) -> int:
     """Images in the select part of a split of ``n`` images: 40% (2,000 of 5,000)."""
-    return max(1, int(round(DEFAULT_SELECT_FRACTION * n)))
+    return max(1, round(DEFAULT_SELECT_FRACTION * n))
 
 
 def _align_labels(dataset: datasets.ImageFolder, label_names: Sequence[str] | None) -> None:

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .errors import PosthocError
 
 DIGITS_CFG = dict(
-    input_size=(3, 32, 32), test_input_size=(3, 32, 32), crop_pct=1.0, test_crop_pct=1.0,
-    interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    input_size=(3, 32, 32),
+    test_input_size=(3, 32, 32),
+    crop_pct=1.0,
+    test_crop_pct=1.0,
+    interpolation="bilinear",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
 )
 
 
@@ -50,6 +56,7 @@ def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0) -> Path
     from timm.models import save_for_hf
 
     from .data import image_folder, make_loader, resolve_data_config, train_transform
+    from .training import cycle, train_steps
 
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=10, pretrained_cfg_overlay=dict(DIGITS_CFG))
@@ -57,28 +64,30 @@ def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0) -> Path
     ds = image_folder(data, "train", train_transform(cfg, "light"))
     loader = make_loader(ds, 64, shuffle=True, seed=seed, workers=0, drop_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * len(loader), pct_start=0.25)
+    steps = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.25)
     model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
+    train_steps(model, cycle(loader, steps), opt, steps=steps, scheduler=sched)
     model.eval()
     save_for_hf(model, str(out), safe_serialization=True)
     return out
 
 
-def run_demo(method: str = "noisy", out: Path = Path("runs/demo"), log: Callable[[str], None] = print,
-             show_progress: bool = True, parent_epochs: int = 20, **config: Any) -> dict[str, Any]:
+def run_demo(
+    method: str = "noisy",
+    out: Path = Path("runs/demo"),
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
+    show_progress: bool = True,
+    parent_epochs: int = 20,
+    **config: Any,
+) -> dict[str, Any]:
     """Write the digits, train a parent, boost it with ``method``, evaluate both on held-out digits."""
-    from .artifact import load
     from .boost import boost
     from .data import eval_transform, image_folder, make_loader, resolve_data_config
     from .evaluate import evaluate
     from .methods import get_method
-    from .sources import load_model
+    from .sources import load_artifact, load_model
 
     get_method(method)  # an unknown name fails before any work
     out = Path(out)
@@ -90,14 +99,25 @@ def run_demo(method: str = "noisy", out: Path = Path("runs/demo"), log: Callable
         log("training a small timm CNN (test_resnet) on 1,079 digits ...")
         train_parent(data, parent_dir, epochs=parent_epochs)
     log(f"boosting it with '{method}' ...")
-    summary = boost([str(parent_dir)], method, data, artifact, overwrite=True, workers=0, show_progress=show_progress,
-                    log=log, command=f"posthoc demo --method {method}", **config)
+    summary = boost(
+        [str(parent_dir)],
+        method,
+        data,
+        artifact,
+        overwrite=True,
+        workers=0,
+        show_progress=show_progress,
+        log=log,
+        warn=warn,
+        command=f"posthoc demo --method {method}",
+        **config,
+    )
     parent = load_model(str(parent_dir))
     report = image_folder(data, "val:report", eval_transform(resolve_data_config(parent)))
     loader = make_loader(report, 256, workers=0)
     results = {
         "parent": evaluate(parent, loader, show_progress=False),
-        method: evaluate(load(artifact), loader, show_progress=False),
+        method: evaluate(load_artifact(artifact), loader, show_progress=False),
         "images": len(report),
         "artifact": str(artifact),
         "build_seconds": summary["seconds"],

@@ -1,11 +1,11 @@
-"""The ensemble representation every method produces.
+"""The ensemble representation every method produces, and the record of how it was made.
 
-An :class:`Ensemble` is a list of member *groups* plus a combine rule. A group holds members of one
-architecture (one timm config): the tensors all its members share, stored once, and the tensors that
-differ, stacked with a leading member dimension. A method that perturbs only the classifier of one
-parent produces one group whose stacked tensors are just ``fc.weight`` and ``fc.bias``; a deep ensemble
-of four independently trained checkpoints produces one group in which every tensor is stacked; members
-of different architectures form one group each.
+An :class:`Ensemble` is a list of member *groups* plus a :class:`Combine` rule. A group holds members
+of one architecture (one timm config): the tensors all its members share, stored once, and the
+*member tensors* that differ, stacked with a leading member dimension. A method that perturbs only
+the classifier of one parent produces one group whose member tensors are just ``fc.weight`` and
+``fc.bias``; a deep ensemble of four independently trained checkpoints produces one group in which
+every tensor is a member tensor; members of different architectures form one group each.
 
 The combine rule turns per-member outputs into class probabilities:
 
@@ -18,52 +18,56 @@ The combine rule turns per-member outputs into class probabilities:
 
 ``temperature`` divides the logits before the softmax (1 = none), so calibration fitted on validation
 data travels with the artifact.
+
+:class:`Provenance` is what built the ensemble (method, hyper-parameters, what it measured, sources,
+data, command line, build-time metrics); it is written next to the ensemble, never inside it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import PosthocError
+from .timm_io import build_from_timm_config, timm_config
 
 COMBINE_RULES = ("prob_mean", "logit_mean", "vote", "coupling")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Combine:
     """How member outputs become the ensemble's class probabilities."""
 
     rule: str = "prob_mean"
     temperature: float = 1.0
-    include_parent: bool = False
     coupling_weight: torch.Tensor | None = None  # (C, sum of member feature sizes)
     coupling_bias: torch.Tensor | None = None  # (C,)
 
     def __post_init__(self):
         if self.rule not in COMBINE_RULES:
             raise PosthocError(f"unknown combine rule '{self.rule}'; use {', '.join(COMBINE_RULES)}")
-        if self.rule == "coupling" and self.coupling_weight is None:
+        if self.rule == "coupling" and (self.coupling_weight is None or self.coupling_bias is None):
             raise PosthocError("the coupling rule needs a coupling layer (weight and bias)")
         if not self.temperature > 0:
             raise PosthocError(f"temperature must be positive, got {self.temperature}")
 
     def to_config(self) -> dict[str, Any]:
         """The JSON-able part (the coupling tensors go to the weights file)."""
-        return {"rule": self.rule, "temperature": self.temperature, "include_parent": self.include_parent}
+        return {"rule": self.rule, "temperature": self.temperature}
 
 
 @dataclass
 class MemberGroup:
-    """Members of one architecture: shared tensors once, differing tensors stacked (K, ...)."""
+    """Members of one architecture: shared tensors once, member tensors stacked (K, ...)."""
 
     timm_config: dict[str, Any]
     member_names: list[str]
     shared: dict[str, torch.Tensor]
-    stacked: dict[str, torch.Tensor]
+    member_tensors: dict[str, torch.Tensor]
 
     @property
     def num_members(self) -> int:
@@ -76,65 +80,63 @@ class MemberGroup:
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """The full state dict of member ``k`` (shared tensors are not copied)."""
         state = dict(self.shared)
-        state.update({name: t[k] for name, t in self.stacked.items()})
+        state.update({name: t[k] for name, t in self.member_tensors.items()})
         return state
 
     def classifier_in_features(self) -> int:
         """Input width of the members' classifier (from its weight; a model build as a fallback)."""
         name = self.timm_config.get("pretrained_cfg", {}).get("classifier")
-        for key in ([name] if isinstance(name, str) else list(name or [])):
+        for key in [name] if isinstance(name, str) else list(name or []):
             weight = self.shared.get(f"{key}.weight")
-            if weight is None and f"{key}.weight" in self.stacked:
-                weight = self.stacked[f"{key}.weight"][0]
+            if weight is None and f"{key}.weight" in self.member_tensors:
+                weight = self.member_tensors[f"{key}.weight"][0]
             if weight is not None and weight.dim() == 2:
                 return int(weight.shape[1])
-        head = _build(self).get_classifier()
+        head = build_from_timm_config(self.timm_config).get_classifier()
         if not isinstance(head, nn.Linear):
             raise PosthocError(f"cannot tell the feature width of {self.architecture}'s classifier ({type(head).__name__})")
         return int(head.in_features)
 
     def stored_numel(self) -> tuple[int, int]:
         """(elements stored once, elements stored per member summed over members)."""
-        return sum(t.numel() for t in self.shared.values()), sum(t.numel() for t in self.stacked.values())
+        return sum(t.numel() for t in self.shared.values()), sum(t.numel() for t in self.member_tensors.values())
 
     @classmethod
     def from_state_dicts(
         cls, timm_config: dict[str, Any], state_dicts: Sequence[dict[str, torch.Tensor]], names: Sequence[str]
-    ) -> "MemberGroup":
-        """Split member state dicts into shared (bitwise equal in every member) and stacked tensors."""
+    ) -> MemberGroup:
+        """Split member state dicts into shared (bitwise equal in every member) and member tensors."""
         if not state_dicts:
             raise PosthocError("an ensemble needs at least one member")
         keys = list(state_dicts[0])
         for sd, name in zip(state_dicts, names):
             if list(sd) != keys:
-                raise PosthocError(f"member '{name}' has different tensors than '{names[0]}'; members of a group must share an architecture")
-        shared, stacked = {}, {}
+                raise PosthocError(
+                    f"member '{name}' has different tensors than '{names[0]}'; members of a group must share an architecture"
+                )
+        shared, member = {}, {}
         for key in keys:
             first = state_dicts[0][key]
             if all(sd[key] is first or torch.equal(sd[key], first) for sd in state_dicts[1:]):
                 shared[key] = first.detach().clone()
             else:
-                stacked[key] = torch.stack([sd[key].detach() for sd in state_dicts])
-        return cls(dict(timm_config), list(names), shared, stacked)
+                member[key] = torch.stack([sd[key].detach() for sd in state_dicts])
+        return cls(dict(timm_config), list(names), shared, member)
 
 
 @dataclass
 class Ensemble:
-    """Member groups, a combine rule, and what built them (method, hyper-parameters, metrics)."""
+    """Member groups and a combine rule: everything needed to run the ensemble, nothing about its history."""
 
     groups: list[MemberGroup]
     combine: Combine = field(default_factory=Combine)
-    method: str = "ensemble"
-    method_config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-    command: str | None = None
 
     def __post_init__(self):
         classes = {g.timm_config.get("num_classes") for g in self.groups}
         if len(classes) != 1:
-            raise PosthocError(f"members disagree on the number of classes ({sorted(map(str, classes))}); ensemble checkpoints of one label space")
+            raise PosthocError(
+                f"members disagree on the number of classes ({sorted(map(str, classes))}); ensemble checkpoints of one label space"
+            )
         if self.combine.rule == "coupling":
             expected = (self.num_classes, sum(self.feature_dims()))
             got = tuple(self.combine.coupling_weight.shape)
@@ -172,7 +174,7 @@ class Ensemble:
         out = []
         for g in self.groups:
             for k in range(g.num_members):
-                m = _build(g)
+                m = build_from_timm_config(g.timm_config)
                 m.load_state_dict(g.member_state_dict(k))
                 out.append(m.eval())
         return out
@@ -186,14 +188,9 @@ class Ensemble:
 
     @classmethod
     def from_models(
-        cls,
-        models: Sequence[nn.Module],
-        names: Sequence[str] | None = None,
-        **kwargs: Any,
-    ) -> "Ensemble":
-        """Group models by architecture (their timm config) and split shared from differing tensors."""
-        from .sources import timm_config
-
+        cls, models: Sequence[nn.Module], names: Sequence[str] | None = None, combine: Combine | None = None
+    ) -> Ensemble:
+        """Group models by architecture (their timm config) and split shared from member tensors."""
         names = list(names or [f"member-{i}" for i in range(len(models))])
         if len(names) != len(models):
             raise PosthocError("give one name per member")
@@ -208,10 +205,41 @@ class Ensemble:
             MemberGroup.from_state_dicts(configs[idx[0]], [models[i].state_dict() for i in idx], [names[i] for i in idx])
             for idx in by_arch.values()
         ]
-        return cls(groups=groups, **kwargs)
+        return cls(groups=groups, combine=combine or Combine())
 
 
-def _build(group: MemberGroup) -> nn.Module:
-    from .sources import build_from_timm_config
+@dataclass
+class Provenance:
+    """How an artifact was made: written to its ``config.json`` and model card, never used to run it.
 
-    return build_from_timm_config(group.timm_config)
+    ``config`` holds the method's hyper-parameters as given, ``measured`` what the method measured
+    while building (noise scale found, stages, select scores...), ``metrics`` the build-time
+    evaluations by data part, and ``include_parent`` whether one member is the unchanged parent.
+    """
+
+    method: str = "ensemble"
+    config: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
+    include_parent: bool = False
+    sources: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Provenance:
+        """The record stored in an artifact's ``config.json`` (also from artifacts of posthoc 0.1)."""
+        method = config.get("method") or {}
+        settings = dict(method.get("config") or {})
+        measured = method.get("measured", settings.pop("measured", {}))  # 0.1 nested it in the config
+        include = method.get("include_parent", (config.get("combine") or {}).get("include_parent", False))
+        return cls(
+            method=method.get("name", "ensemble"),
+            config=settings,
+            measured=measured or {},
+            include_parent=bool(include),
+            sources=list(config.get("sources") or []),
+            data=dict(config.get("data") or {}),
+            metrics=dict(config.get("metrics") or {}),
+            command=config.get("command"),
+        )

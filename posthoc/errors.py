@@ -15,3 +15,9 @@ class PosthocError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(message.split()))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,5 +1,9 @@
 """Scripted evaluation of a model or an ensemble artifact on an ImageFolder split.
 
+:func:`evaluate_spec` is the whole ``posthoc eval`` pipeline (load the spec, resolve preprocessing,
+read the split, evaluate, warn when the images overlap what an artifact was tuned on);
+:func:`evaluate` runs any module over any loader.
+
 The result fields follow timm's ``validate.py`` (``model``, ``top1``, ``top1_err``, ``top5``,
 ``top5_err``, ``param_count`` in millions, ``img_size``, ``crop_pct``, ``interpolation``), plus
 ``nll``, ``ece`` (%), ``brier`` and ``throughput``. ``throughput`` is images per second of the model's
@@ -14,15 +18,97 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import data as data_mod
 from .errors import PosthocError
 from .metrics import ClassificationMetrics, EnsembleMetrics
-from .runtime import autocast, progress, synchronize
+from .runtime import autocast, progress, resolve_device, resolve_dtype, synchronize
+from .sources import load_model
+
+RESULT_SUFFIXES = (".json", ".csv")
+
+
+def evaluate_spec(
+    spec: str,
+    data: str | Path,
+    split: str = "val",
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    batch_size: int = 256,
+    workers: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    amp: bool = False,
+    subset: int | None = None,
+    select_size: int | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    show_progress: bool = True,
+    warn: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Evaluate the model or artifact ``spec`` on ``data``'s ``split`` (``val``, ``val:select``, ``val:report``).
+
+    Preprocessing is the model's (timm's ``resolve_data_config``) with ``preprocessing`` overrides.
+    For an artifact, the select / report parts are cut with the select size it was tuned with unless
+    ``select_size`` is given, and ``warn`` gets one line when the evaluated images include images it
+    was tuned on. Returns :func:`evaluate`'s result with ``model`` and ``split`` set.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    part = data_mod.SplitSpec.parse(split)
+    net = load_model(spec, arch=arch, num_classes=num_classes)
+    select_size, warning = tuned_on_overlap(getattr(net, "posthoc_config", {}), part, select_size)
+    if warning:
+        warn(warning)
+    data_config = data_mod.resolve_data_config(net, preprocessing)
+    dataset = data_mod.image_folder(
+        data,
+        part,
+        data_mod.eval_transform(data_config),
+        label_names=net.pretrained_cfg.get("label_names"),
+        select_size=select_size,
+        subset=subset,
+    )
+    loader = data_mod.make_loader(dataset, batch_size, workers=workers)
+    result = evaluate(net, loader, device=dev, dtype=dt, amp=amp, data_config=data_config, show_progress=show_progress)
+    result["model"] = spec
+    result["split"] = str(part)
+    return result
+
+
+def tuned_on_overlap(config: dict[str, Any], part: data_mod.SplitSpec, select_size: int | None) -> tuple[int | None, str | None]:
+    """The select size to cut ``part`` with, and a warning when ``part`` overlaps what the artifact
+    (``config``, its ``config.json``) was tuned on.
+
+    Artifacts record the split part and select size they tuned on: the same select size is used by
+    default, so ``val:report`` holds none of the tuned images.
+    """
+    recorded_data = (config or {}).get("data", {})
+    tuned = recorded_data.get("tuned_on")
+    if not tuned:
+        return select_size, None
+    t_split, _, t_part = tuned.partition(":")
+    if t_split != part.split:
+        return select_size, None
+    recorded = recorded_data.get("select_size")
+    if select_size is None:
+        select_size = recorded
+    where = f"this artifact was tuned on '{tuned}' ({recorded} images)"
+    if part.part is None or not t_part:
+        return select_size, f"{where}, which is part of '{part}'; figures on it are optimistic. Report on '{t_split}:report'."
+    if part.part == t_part:
+        return select_size, f"{where}; figures on the same images are optimistic. Report on '{t_split}:report'."
+    if part.part == "report" and recorded is not None and select_size < recorded:
+        return select_size, (
+            f"{where}; with --select-size {select_size} '{part}' includes {recorded - select_size} of them, "
+            f"so figures are optimistic. Drop --select-size to use the recorded {recorded}."
+        )
+    return select_size, None
 
 
 def is_ensemble(model: nn.Module) -> bool:
@@ -128,5 +214,5 @@ def write_results(result: dict[str, Any], path: str | Path) -> None:
     elif path.suffix.lower() == ".json":
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     else:
-        raise PosthocError(f"--results-file must end in .json or .csv, got '{path.name}'")
+        raise PosthocError(f"--results-file must end in {' or '.join(RESULT_SUFFIXES)}, got '{path.name}'")
     os.replace(tmp, path)  # never a half-written results file

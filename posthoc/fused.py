@@ -29,7 +29,6 @@ unbatched inputs only once) or, on CPU, as K full forward passes.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import threading
 import warnings
@@ -44,8 +43,9 @@ from torch.func import functional_call, vmap
 
 from .ensemble import Ensemble, MemberGroup
 from .errors import PosthocError
+from .graph import FeaturesAndLogits, split_shared_prefix, tracer
+from .timm_io import build_from_timm_config
 
-_logger = logging.getLogger(__name__)
 STRATEGIES = ("auto", "vmap", "loop", "threads")
 _THREADS_LOCK = threading.Lock()
 _POOL: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its worker count)
@@ -101,7 +101,7 @@ class EnsembleModule(nn.Module):
         feats, logits = zip(*(ex(x, self._mode(ex, x)) for ex in self.executors))
         return list(feats), torch.cat(logits) if len(logits) > 1 else logits[0]
 
-    def _mode(self, executor: "GroupExecutor", x: torch.Tensor) -> str:
+    def _mode(self, executor: GroupExecutor, x: torch.Tensor) -> str:
         if self.strategy != "auto":
             return self.strategy
         if x.device.type == "cuda":
@@ -126,22 +126,6 @@ class EnsembleModule(nn.Module):
         return probs
 
 
-class FeaturesAndLogits(nn.Module):
-    """A timm model as ``x -> (penultimate features, logits)`` via ``forward_head(pre_logits=True)``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor):
-        x = self.model.forward_features(x)
-        feats = self.model.forward_head(x, pre_logits=True)
-        head = self.model.get_classifier()
-        # models with two heads (distilled ViTs) combine them in forward_head: use it for their logits
-        logits = head(feats) if isinstance(head, nn.Module) else self.model.forward_head(x)
-        return feats, logits
-
-
 class GroupExecutor(nn.Module):
     """Runs one group's K members: shared prefix once, member suffix batched or looped.
 
@@ -153,19 +137,17 @@ class GroupExecutor(nn.Module):
 
     def __init__(self, group: MemberGroup, fold_bn: bool = True):
         super().__init__()
-        from .sources import build_from_timm_config
-
         model = build_from_timm_config(group.timm_config)
         model.load_state_dict(group.member_state_dict(0))
         self.parameter_count = sum(
-            group.stacked[n].numel() if n in group.stacked else p.numel() for n, p in model.named_parameters()
+            group.member_tensors[n].numel() if n in group.member_tensors else p.numel() for n, p in model.named_parameters()
         )
-        stacked = fold_batchnorm(model.eval(), group.stacked) if fold_bn else dict(group.stacked)
+        member_tensors = fold_batchnorm(model.eval(), group.member_tensors) if fold_bn else dict(group.member_tensors)
         self.net = FeaturesAndLogits(model).requires_grad_(False).to(memory_format=torch.channels_last)
         self.num_members = group.num_members
-        self.names = [f"model.{n}" for n in stacked]
-        for i, name in enumerate(stacked):
-            self.register_buffer(f"member_{i}", _channels_last_stack(stacked[name].clone()))
+        self.names = [f"model.{n}" for n in member_tensors]
+        for i, name in enumerate(member_tensors):
+            self.register_buffer(f"member_{i}", _channels_last_stack(member_tensors[name].clone()))
         self._point_net_at_member(0)
         self.prefix, self.suffix, self.outputs_member, self.num_boundary = split_shared_prefix(self.net, set(self.names))
         self.traced = self.prefix is not None
@@ -177,10 +159,10 @@ class GroupExecutor(nn.Module):
 
     def _point_net_at_member(self, k: int) -> None:
         """Member-specific tensors of the skeleton become views of member ``k`` (no second copy)."""
-        for name, stacked in self.member_params().items():
-            _assign(self.net, name, stacked[k])
+        for name, stack in self.member_tensors().items():
+            _assign(self.net, name, stack[k])
 
-    def member_params(self) -> dict[str, torch.Tensor]:
+    def member_tensors(self) -> dict[str, torch.Tensor]:
         """Stacked (K, ...) member tensors by their name in ``self.net``."""
         return {n: getattr(self, f"member_{i}") for i, n in enumerate(self.names)}
 
@@ -198,8 +180,8 @@ class GroupExecutor(nn.Module):
             members = []
             for k in range(self.num_members):
                 copy_k = copy.deepcopy(fn, memo=dict(shared))
-                for name, stacked in self.member_params().items():
-                    _assign(copy_k, name, stacked[k])
+                for name, stack in self.member_tensors().items():
+                    _assign(copy_k, name, stack[k])
                 members.append(copy_k)
             self._members = members
         return self._members
@@ -207,7 +189,7 @@ class GroupExecutor(nn.Module):
     def forward(self, x: torch.Tensor, mode: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() == 4 and x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        params = self.member_params()
+        params = self.member_tensors()
         k = self.num_members
         if self.traced:
             shared = tuple(self.prefix(x))
@@ -262,8 +244,11 @@ def run_side_by_side(calls: list) -> list:
         autocast, autocast_dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
 
     def run_chunk(chunk: list) -> list:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+        with (
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+            torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast),
+        ):
             return [c() for c in chunk]
 
     chunks = [calls[i::threads] for i in range(threads)]
@@ -285,26 +270,26 @@ def run_side_by_side(calls: list) -> list:
     return out
 
 
-def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fold_batchnorm(model: nn.Module, member_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fold each eval-mode BatchNorm that is the only user of a plain convolution into that conv.
 
     BatchNorms: ``nn.BatchNorm2d`` and timm's ``BatchNormAct2d``; convolutions: ``nn.Conv2d`` and timm's
     ``Conv2dSame`` (not weight-standardized ones, whose forward would undo the scale). ``model`` holds
-    member 0 (shared tensors are its own); ``stacked`` maps member-specific tensor names to (K, ...)
+    member 0 (shared tensors are its own); ``member_tensors`` maps member-specific tensor names to (K, ...)
     stacks. The folded conv gets the scaled weight and a bias (torch's ``fuse_conv_bn_weights``), per
     member when the conv weight is member-specific; the BatchNorm becomes ``nn.Identity`` (for
     ``BatchNormAct2d``, its dropout and activation). A shared conv followed by a BatchNorm with member-specific tensors is left
-    alone: folding would turn the shared conv into K. Returns the new ``stacked`` dict; ``model`` is
+    alone: folding would turn the shared conv into K. Returns the new ``member_tensors`` dict; ``model`` is
     changed in place. Untraceable models are returned unchanged.
     """
     from timm.layers import BatchNormAct2d, Conv2dSame
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-    stacked = dict(stacked)
+    member_tensors = dict(member_tensors)
     try:
-        graph = _tracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable models run unfolded
-        return stacked
+        graph = tracer().trace(model)
+    except Exception:
+        return member_tensors
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -322,39 +307,42 @@ def fold_batchnorm(model: nn.Module, stacked: dict[str, torch.Tensor]) -> dict[s
             continue
         conv_keys = [f"{src.target}.{t}" for t in ("weight", "bias") if getattr(conv, t) is not None]
         bn_keys = [f"{bn_name}.{t}" for t in ("running_mean", "running_var", "weight", "bias")]
-        conv_member = f"{src.target}.weight" in stacked
-        if not conv_member and any(k in stacked for k in conv_keys + bn_keys):
+        conv_member = f"{src.target}.weight" in member_tensors
+        if not conv_member and any(k in member_tensors for k in conv_keys + bn_keys):
             continue
 
         def fold(k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
             def get(key: str, module: nn.Module, attr: str):
-                value = stacked[key][k] if k is not None and key in stacked else getattr(module, attr)
+                value = member_tensors[key][k] if k is not None and key in member_tensors else getattr(module, attr)
                 return None if value is None else value.detach()
 
             w, b = fuse_conv_bn_weights(
                 get(f"{src.target}.weight", conv, "weight"),
                 get(f"{src.target}.bias", conv, "bias") if conv.bias is not None else None,
-                get(f"{bn_name}.running_mean", bn, "running_mean"), get(f"{bn_name}.running_var", bn, "running_var"),
-                bn.eps, get(f"{bn_name}.weight", bn, "weight"), get(f"{bn_name}.bias", bn, "bias"),
+                get(f"{bn_name}.running_mean", bn, "running_mean"),
+                get(f"{bn_name}.running_var", bn, "running_var"),
+                bn.eps,
+                get(f"{bn_name}.weight", bn, "weight"),
+                get(f"{bn_name}.bias", bn, "bias"),
             )
             return w.detach(), b.detach()
 
         if conv_member:
-            folded = [fold(k) for k in range(next(iter(stacked.values())).shape[0])]
-            for key in bn_keys + [f"{bn_name}.num_batches_tracked"]:
-                stacked.pop(key, None)
-            stacked[f"{src.target}.weight"] = torch.stack([w for w, _ in folded])
-            stacked[f"{src.target}.bias"] = torch.stack([b for _, b in folded])
+            folded = [fold(k) for k in range(next(iter(member_tensors.values())).shape[0])]
+            for key in [*bn_keys, f"{bn_name}.num_batches_tracked"]:
+                member_tensors.pop(key, None)
+            member_tensors[f"{src.target}.weight"] = torch.stack([w for w, _ in folded])
+            member_tensors[f"{src.target}.bias"] = torch.stack([b for _, b in folded])
             weight, bias = folded[0]
         else:
-            stacked.pop(f"{bn_name}.num_batches_tracked", None)
+            member_tensors.pop(f"{bn_name}.num_batches_tracked", None)
             weight, bias = fold(None)
         conv.weight = nn.Parameter(weight, requires_grad=False)
         conv.bias = nn.Parameter(bias, requires_grad=False)
         owner, _, attr = bn_name.rpartition(".")
         after = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
         setattr(model.get_submodule(owner) if owner else model, attr, after)
-    return stacked
+    return member_tensors
 
 
 def _channels_last_stack(t: torch.Tensor) -> torch.Tensor:
@@ -371,80 +359,3 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[attr] = value
-
-
-# ----------------------------------------------------------------------------------------- FX split
-def _tracer() -> fx.Tracer:
-    from timm.layers import get_notrace_functions, get_notrace_modules
-
-    leaf_types = tuple(m for m in get_notrace_modules() if isinstance(m, type))
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaf_types) or super().is_leaf_module(m, qualname)
-
-    return Tracer(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
-
-
-def split_shared_prefix(net: nn.Module, member_names: set[str]):
-    """Cut ``net``'s traced graph into a shared prefix and a member suffix.
-
-    Returns ``(prefix, suffix, outputs, num_boundary)``: ``prefix(x)`` returns the ``num_boundary``
-    shared values the suffix reads, then every shared graph output; ``suffix(*boundary)`` returns the
-    member-dependent graph outputs; ``outputs`` maps each graph output to ``(is_member, index)`` in the
-    suffix's or the prefix's result. All ``None`` when the model cannot be traced.
-    """
-    try:
-        graph = _tracer().trace(net)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means "run whole under vmap"
-        _logger.info("torch.fx cannot trace %s (%s); members run whole", type(net.model).__name__, e)
-        return None, None, None, None
-    owners = {n.rsplit(".", 1)[0] for n in member_names}
-
-    def uses_member_tensor(node: fx.Node) -> bool:
-        if node.op == "get_attr":
-            return node.target in member_names or any(m.startswith(node.target + ".") for m in member_names)
-        if node.op == "call_module":
-            return node.target in owners or any(o.startswith(node.target + ".") for o in owners)
-        return False
-
-    member: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        if uses_member_tensor(node) or any(a in member for a in node.all_input_nodes):
-            member.add(node)
-    output_node = next(n for n in graph.nodes if n.op == "output")
-    results = output_node.args[0]
-    results = list(results) if isinstance(results, (tuple, list)) else [results]
-    # shared values the suffix needs, in graph order
-    boundary = [n for n in graph.nodes if n not in member and n.op != "output" and any(u in member for u in n.users)]
-
-    prefix_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        if node in member or node.op == "output":
-            continue
-        env[node] = prefix_graph.node_copy(node, lambda a: env[a])
-    shared_results = [r for r in results if r not in member]
-    prefix_graph.output(tuple(env[n] for n in boundary + shared_results))
-
-    suffix_graph = fx.Graph()
-    senv: dict[fx.Node, fx.Node] = {}
-    for node in boundary:
-        senv[node] = suffix_graph.placeholder(f"shared_{node.name}")
-    for node in graph.nodes:
-        if node in member:
-            senv[node] = suffix_graph.node_copy(node, lambda a: senv[a])
-    member_results = [r for r in results if r in member]
-    suffix_graph.output(tuple(senv[n] for n in member_results))
-
-    outputs = []
-    for r in results:
-        if r in member:
-            outputs.append((True, member_results.index(r)))
-        else:
-            outputs.append((False, len(boundary) + shared_results.index(r)))
-    prefix = fx.GraphModule(net, prefix_graph, class_name="SharedPrefix")
-    suffix = fx.GraphModule(net, suffix_graph, class_name="MemberSuffix")
-    return prefix, suffix, outputs, len(boundary)

@@ -1,34 +1,39 @@
-"""The Hugging Face Hub: publish an artifact (``posthoc push``) and fetch one back (``hf-hub:org/name``).
+"""The Hugging Face Hub: repository ids, downloads through the cache, one-commit uploads, and errors.
 
-An artifact on the Hub is the same three files as on disk (``model.safetensors``, ``config.json``,
-``README.md``), so ``posthoc.load("hf-hub:org/name")`` and every command that takes a model spec
-download it through huggingface_hub's cache (``HF_HUB_OFFLINE=1`` works once it is cached) and load it
-as they would a local directory. Plain timm checkpoints under ``hf-hub:`` still go through timm.
-Uploads use ``HfApi.create_commit``: one commit with the three files, the model card re-rendered so
-its usage lines name the repository. Every huggingface_hub failure becomes one :class:`PosthocError`
-line that says what to do.
+This module only speaks to the Hub (through huggingface_hub): it knows nothing of artifacts or model
+specs. Downloads go through huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` works once a repository
+is cached; every huggingface_hub failure becomes one :class:`PosthocError` line that says what to do.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .errors import PosthocError
-
-ARTIFACT_FILES = ("config.json", "model.safetensors", "README.md")
+from .errors import PosthocError, first_line
 
 
 def split_repo(spec: str) -> tuple[str, str | None]:
     """``hf-hub:org/name@rev`` (or ``org/name``) -> (``org/name``, ``rev`` or None), as timm's ``hf_split``."""
-    repo = spec.split(":", 1)[1] if spec.startswith(("hf-hub:", "hf_hub:")) else spec
+    repo = spec.split(":", 1)[1] if is_hub_spec(spec) else spec
     repo, _, revision = repo.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise PosthocError(f"'{spec}' is not a Hub repository id; write it as org/name (hf-hub:org/name to load)")
     return repo, revision or None
+
+
+def is_hub_spec(spec: str) -> bool:
+    """True for ``hf-hub:org/name[@rev]`` (timm's prefix; ``hf_hub:`` too)."""
+    return spec.startswith(("hf-hub:", "hf_hub:"))
+
+
+def hub_spec(repo_id: str, revision: str | None = None) -> str:
+    """The model spec that loads ``repo_id`` (at ``revision``): ``hf-hub:org/name[@rev]``."""
+    return f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
 
 
 def hub_config(repo: str, revision: str | None = None) -> dict[str, Any]:
@@ -48,72 +53,39 @@ def _config_text(repo: str, revision: str | None) -> str:
         return Path(hf_hub_download(repo, "config.json", revision=revision)).read_text()
 
 
-def is_artifact_config(config: dict[str, Any]) -> bool:
-    """True for the ``config.json`` of a posthoc artifact (timm configs have no ``posthoc`` section)."""
-    return isinstance(config, dict) and isinstance(config.get("posthoc"), dict)
-
-
-def hub_spec(repo_id: str, revision: str | None = None) -> str:
-    """The model spec that loads ``repo_id`` (at ``revision``): ``hf-hub:org/name[@rev]``."""
-    return f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
-
-
-def download_artifact(spec: str) -> Path:
-    """Download an artifact from the Hub (``hf-hub:org/name[@rev]``) and return its local snapshot directory.
-
-    Only the artifact's files are fetched; a filled cache works offline (``HF_HUB_OFFLINE=1``).
-    """
+def download(repo: str, revision: str | None, files: list[str]) -> Path:
+    """Download ``files`` of a Hub repository (or find them in the cache); return the snapshot directory."""
     from huggingface_hub import snapshot_download
 
-    repo, revision = split_repo(spec)
-    if not is_artifact_config(hub_config(repo, revision)):
-        raise PosthocError(f"Hub repository '{repo}' holds a timm model, not a posthoc artifact; load it with posthoc.load_model")
     with hub_errors(repo):
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(ARTIFACT_FILES)))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(files)))
 
 
-def push(
-    artifact: str | Path,
-    repo: str,
+def commit(
+    repo_id: str,
+    files: dict[str, str | bytes],
     *,
+    message: str,
     private: bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    commit_message: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
 ) -> str:
-    """Upload an artifact to a Hub model repository (created when absent) in one commit; return its URL.
+    """Upload ``files`` (path in the repository -> local path or bytes) in one commit; return its URL.
 
-    The weights are checked against the SHA-256 in ``config.json`` first, so a damaged artifact is never
-    published. The model card is rendered again with ``hf-hub:REPO`` in its usage lines. ``token``
-    defaults to huggingface_hub's login (``hf auth login`` or ``HF_TOKEN``); ``endpoint`` to ``HF_ENDPOINT``.
+    The repository (and the branch ``revision``) is created when absent. ``token`` defaults to
+    huggingface_hub's login (``hf auth login`` or ``HF_TOKEN``), ``endpoint`` to ``HF_ENDPOINT``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .artifact import WEIGHTS, read
-    from .card import render_card
-
-    path = Path(artifact)
-    repo_id, rev = split_repo(repo)
-    if rev is not None:
-        raise PosthocError(f"give the branch with --revision, not in the repository id '{repo}'")
-    _, config = read(path)  # validates config.json and the weights' size and SHA-256
-    card = render_card(config, load_path=hub_spec(repo_id, None if create_pr else revision))
-    operations = [
-        CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=str(path / "config.json")),
-        CommitOperationAdd(path_in_repo=WEIGHTS, path_or_fileobj=str(path / WEIGHTS)),
-        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()),
-    ]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()]
     api = HfApi(endpoint=endpoint, token=token)
-    message = commit_message or f"Upload {config['method']['name']} ensemble ({config['num_members']} members) with posthoc"
     with hub_errors(repo_id, action="push to"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(
-            repo_id, operations=operations, commit_message=message, revision=revision, create_pr=create_pr
-        )
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision, create_pr=create_pr)
     return info.pr_url or info.commit_url
 
 
@@ -137,9 +109,13 @@ def hub_errors(repo: str, action: str = "fetch") -> Iterator[None]:
             "(offline or HF_HUB_OFFLINE=1); download it once with network access, or pass a local path"
         ) from e
     except hf_errors.GatedRepoError as e:
-        raise PosthocError(f"Hub repository '{repo}' is gated; request access on its Hub page, then log in (hf auth login)") from e
+        raise PosthocError(
+            f"Hub repository '{repo}' is gated; request access on its Hub page, then log in (hf auth login)"
+        ) from e
     except hf_errors.RepositoryNotFoundError as e:
-        raise PosthocError(f"Hub repository '{repo}' does not exist or is private; check the name or log in (hf auth login)") from e
+        raise PosthocError(
+            f"Hub repository '{repo}' does not exist or is private; check the name or log in (hf auth login)"
+        ) from e
     except hf_errors.RevisionNotFoundError as e:
         raise PosthocError(f"Hub repository '{repo}' has no such revision: {first_line(e)}") from e
     except hf_errors.EntryNotFoundError as e:
@@ -147,7 +123,9 @@ def hub_errors(repo: str, action: str = "fetch") -> Iterator[None]:
     except hf_errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status == 401:
-            raise PosthocError(f"the Hub refused to {action} '{repo}' (401, not logged in); run 'hf auth login' or pass --token") from e
+            raise PosthocError(
+                f"the Hub refused to {action} '{repo}' (401, not logged in); run 'hf auth login' or pass --token"
+            ) from e
         if status == 403:
             need = "write access to that namespace" if action != "fetch" else "read access to that repository"
             raise PosthocError(f"the Hub refused to {action} '{repo}' (403); your token needs {need}") from e
@@ -168,9 +146,3 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         except ImportError:
             return ()
     return (httpx.TransportError,)
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type name when it has none."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -11,11 +11,16 @@ model's softmax), accumulated batch by batch so nothing grows with the dataset:
 For an ensemble, :class:`EnsembleMetrics` also takes per-member probabilities and reports the mean
 member top-1 and the mean pairwise disagreement (fraction of images on which two members' top-1
 predictions differ, averaged over all member pairs).
+
+:func:`fit_temperature` is the one temperature fit every method and ``posthoc calibrate`` use.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 ECE_BINS = 15
 PROB_FLOOR = 1e-12
@@ -122,3 +127,48 @@ class EnsembleMetrics:
             "member_top1_max": float(member_top1.max()),
             "disagreement": 100.0 * self.disagree / n,
         }
+
+
+def scores(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
+    """top-1 (%), NLL and ECE (%) of ``softmax(logits / temperature)``."""
+    m = ClassificationMetrics()
+    m.update((logits.float() / temperature).softmax(-1), y)
+    r = m.compute()
+    return {"top1": r["top1"], "nll": r["nll"], "ece": r["ece"]}
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, iterations: int = 60) -> float:
+    """The temperature minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    Golden-section search on log T in [1/20, 20], in float64; the NLL is convex in 1/T, so the search
+    finds the global minimum. ``logits`` may also be log-probabilities (an ensemble's log of its mean
+    probabilities): dividing them by T is the same one-parameter family.
+    """
+    logits, y = logits.double(), y.long()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), y))
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(iterations):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return math.exp((lo + hi) / 2)
+
+
+def mean_disagreement(member_logits: list[torch.Tensor]) -> float:
+    """Mean pairwise disagreement (%) of the members' top-1 predictions."""
+    preds = [lg.argmax(-1) for lg in member_logits]
+    pairs = [(i, j) for i in range(len(preds)) for j in range(i + 1, len(preds))]
+    if not pairs:
+        return 0.0
+    return 100.0 * sum(float((preds[i] != preds[j]).float().mean()) for i, j in pairs) / len(pairs)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 
@@ -42,6 +43,20 @@ def autocast(device: torch.device, enabled: bool):
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A seed for the ``index``-th independent stream of a run seeded with ``seed`` (draws, epochs, members)."""
+    return seed * 1_000_003 + index
+
+
+def seeded_generator(seed: int, index: int | None = None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with :func:`derive_seed` ``(seed, index)`` for one stream of a run.
+
+    Every random draw in posthoc goes through a generator made here, so the same seed gives the same
+    artifact on any device.
+    """
+    return torch.Generator().manual_seed(seed if index is None else derive_seed(seed, index))
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Model sources: turn one spec string into a ready ``torch.nn.Module``.
+"""Model sources: the one place that turns a spec string into a ready ``torch.nn.Module``.
 
 Every command that takes a model accepts the same spec:
 
@@ -11,24 +11,28 @@ Every command that takes a model accepts the same spec:
 ==============================  ===========================================================
 
 Hub downloads go through timm and huggingface_hub, so a filled cache works with ``HF_HUB_OFFLINE=1``.
-The returned model carries its preprocessing in ``model.pretrained_cfg`` (timm's convention);
-:func:`timm_config` gives the JSON config (timm's Hub ``config.json``) that rebuilds its architecture
-and :func:`build_from_timm_config` rebuilds it.
+The returned model carries its preprocessing in ``model.pretrained_cfg`` (timm's convention).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
-from typing import Any
 
 import timm
-import torch
 from torch import nn
 
-from .errors import PosthocError
-from .hub import first_line, hub_config, hub_errors, is_artifact_config, split_repo
+from . import artifact, hub
+from .errors import PosthocError, first_line
+from .fused import EnsembleModule
+from .timm_io import (
+    build_from_timm_config,
+    checkpoint_num_classes,
+    load_weights,
+    read_state_dict,
+    reset_head,
+    suggest_architecture,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -41,7 +45,7 @@ def load_model(
     num_classes: int | None = None,
     pretrained: bool = True,
 ) -> nn.Module:
-    """Load a classifier from a spec string (see the module docstring for the accepted forms).
+    """Load a classifier, or an ensemble artifact, from a spec string (see the module docstring).
 
     Args:
         spec: timm name (optionally with a pretrained tag), ``hf-hub:org/name``, ``local-dir:PATH``,
@@ -52,7 +56,8 @@ def load_model(
         pretrained: load weights (timm names only; ``False`` gives a randomly initialised model).
 
     Returns:
-        The model in eval mode, with ``pretrained_cfg`` (its preprocessing).
+        The model in eval mode, with ``pretrained_cfg`` (its preprocessing); for an artifact, its
+        :class:`~posthoc.fused.EnsembleModule`.
 
     Raises:
         PosthocError: a one-line, user-fixable problem (unknown name, missing or corrupt weights,
@@ -60,31 +65,51 @@ def load_model(
     """
     path = Path(spec.removeprefix("local-dir:"))
     if spec.startswith("local-dir:") or path.is_dir():
-        if _is_artifact(path):
-            from .artifact import load
-
-            return _check_not_reheaded(load(path), spec, num_classes)
+        if artifact.is_artifact_dir(path):
+            return _not_reheaded(artifact.load(path, name=spec), spec, num_classes)
         model = _load_hub_layout_dir(path)
     elif path.suffix.lower() in WEIGHT_SUFFIXES or path.is_file():
         model = _load_weights_file(path, arch)
-    elif spec.startswith(("hf-hub:", "hf_hub:")):
-        model = _load_from_hub(spec)
-        if getattr(model, "returns_probabilities", False):  # an artifact pushed to the Hub
-            return _check_not_reheaded(model, spec, num_classes)
+    elif hub.is_hub_spec(spec):
+        repo, revision = hub.split_repo(spec)
+        if artifact.is_artifact_config(hub.hub_config(repo, revision)):
+            return _not_reheaded(load_artifact(spec), spec, num_classes)
+        with hub.hub_errors(repo):
+            model = timm.create_model(f"hf-hub:{spec.split(':', 1)[1]}", pretrained=True)
     else:
         model = _load_timm_name(spec, pretrained)
     if num_classes is not None and num_classes != model.num_classes:
-        _reset_head(model, num_classes)
+        reset_head(model, num_classes)
     return model.eval()
 
 
-def _check_not_reheaded(artifact: nn.Module, spec: str, num_classes: int | None) -> nn.Module:
-    if num_classes is not None and num_classes != artifact.num_classes:
-        raise PosthocError(
-            f"{spec} is an ensemble artifact of {artifact.num_classes} classes and cannot be re-headed to "
-            f"{num_classes}; drop --num-classes, or boost the checkpoint it was built from with it"
-        )
-    return artifact
+def load_artifact(spec: str | Path, strategy: str = "auto", fold_bn: bool = True) -> EnsembleModule:
+    """Load an ensemble artifact as one ``torch.nn.Module`` (this is ``posthoc.load``).
+
+    ``spec`` is an artifact directory, ``local-dir:PATH``, or ``hf-hub:org/name[@rev]`` for one pushed
+    with ``posthoc push`` (downloaded through the Hugging Face cache). ``strategy`` and ``fold_bn`` are
+    :class:`~posthoc.fused.EnsembleModule`'s. ``forward(x)`` returns the ensemble's class probabilities
+    (B, C); ``forward(x, return_members=True)`` also per-member probabilities (K, B, C). The module is
+    in eval mode and carries ``pretrained_cfg`` (preprocessing) and ``posthoc_config`` (the config.json).
+    """
+    return artifact.load(artifact_dir(spec), strategy=strategy, fold_bn=fold_bn, name=str(spec))
+
+
+def artifact_dir(spec: str | Path) -> Path:
+    """The local directory of an artifact spec (``PATH``, ``local-dir:PATH``, or ``hf-hub:org/name[@rev]``,
+    whose artifact files are downloaded through the Hugging Face cache)."""
+    spec = str(spec)
+    if not hub.is_hub_spec(spec):
+        return Path(spec.removeprefix("local-dir:"))
+    repo, revision = hub.split_repo(spec)
+    if not artifact.is_artifact_config(hub.hub_config(repo, revision)):
+        raise PosthocError(f"Hub repository '{repo}' holds a timm model, not a posthoc artifact; load it with posthoc.load_model")
+    return hub.download(repo, revision, list(artifact.FILES))
+
+
+def is_artifact(spec: str) -> bool:
+    """True when ``spec`` names a local posthoc artifact directory."""
+    return not hub.is_hub_spec(spec) and artifact.is_artifact_dir(Path(spec.removeprefix("local-dir:")))
 
 
 def member_name(spec: str) -> str:
@@ -93,19 +118,13 @@ def member_name(spec: str) -> str:
     return name or spec
 
 
-def is_artifact(spec: str) -> bool:
-    """True when ``spec`` names a posthoc ensemble artifact directory."""
-    return _is_artifact(Path(spec.removeprefix("local-dir:")))
-
-
-def _is_artifact(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return is_artifact_config(json.loads(cfg.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+def _not_reheaded(module: EnsembleModule, spec: str, num_classes: int | None) -> EnsembleModule:
+    if num_classes is not None and num_classes != module.num_classes:
+        raise PosthocError(
+            f"{spec} is an ensemble artifact of {module.num_classes} classes and cannot be re-headed to "
+            f"{num_classes}; drop --num-classes, or boost the checkpoint it was built from with it"
+        )
+    return module
 
 
 # --------------------------------------------------------------------------------------- timm names
@@ -117,9 +136,9 @@ def _load_timm_name(name: str, pretrained: bool) -> nn.Module:
         )
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        raise PosthocError(f"unknown model '{name}'{_suggest(arch)}")
+        raise PosthocError(f"unknown model '{name}'{suggest_architecture(arch)}")
     if pretrained and tag and not timm.models.is_model_pretrained(name):
-        tags = [n for n in timm.list_pretrained(f"{arch}.*")]
+        tags = list(timm.list_pretrained(f"{arch}.*"))
         hint = f"; available: {', '.join(tags[:6])}" if tags else "; this architecture has no pretrained weights"
         raise PosthocError(f"unknown pretrained tag '{tag}' for '{arch}'{hint}")
     if pretrained and not timm.models.is_model_pretrained(name):
@@ -128,34 +147,13 @@ def _load_timm_name(name: str, pretrained: bool) -> nn.Module:
             "or pick a pretrained variant (timm.list_pretrained())"
         )
     try:
-        with hub_errors(name):
-            model = timm.create_model(name, pretrained=pretrained)
-    except PosthocError:
-        raise
+        with hub.hub_errors(name):
+            return timm.create_model(name, pretrained=pretrained)
     except RuntimeError as e:  # mismatched cached weights and the like
         raise PosthocError(f"could not load pretrained weights for '{name}': {first_line(e)}") from e
-    return model
 
 
-def _suggest(arch: str) -> str:
-    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-    if close:
-        return f"; did you mean {', '.join(close)}? (timm.list_models() lists all)"
-    return "; see timm.list_models() for the names timm knows"
-
-
-# ------------------------------------------------------------------------------------ Hub and dirs
-def _load_from_hub(spec: str) -> nn.Module:
-    """A timm model on the Hub, or a posthoc artifact pushed there (its config.json says which)."""
-    repo, revision = split_repo(spec)
-    if is_artifact_config(hub_config(repo, revision)):
-        from .artifact import load
-
-        return load(spec)
-    with hub_errors(repo):
-        return timm.create_model(f"hf-hub:{spec.split(':', 1)[1]}", pretrained=True)
-
-
+# ------------------------------------------------------------------------------------ directories
 def _load_hub_layout_dir(path: Path) -> nn.Module:
     """A directory with ``config.json`` + weights, as ``timm.models.push_to_hf_hub`` writes it."""
     if not path.is_dir():
@@ -179,111 +177,17 @@ def _load_hub_layout_dir(path: Path) -> nn.Module:
     return model
 
 
-def timm_config(model: nn.Module) -> dict[str, Any]:
-    """The timm Hub ``config.json`` of ``model``: architecture, ``model_args`` and ``pretrained_cfg``.
-
-    Written by timm's own ``save_config_for_hf``, so it records the construction arguments timm
-    tracks (``num_classes``, ``img_size``, ``global_pool`` ...) and the preprocessing.
-    """
-    import tempfile
-
-    from timm.models._hub import save_config_for_hf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "config.json"
-        save_config_for_hf(model, str(file))
-        return json.loads(file.read_text())
-
-
-def build_from_timm_config(config: dict[str, Any], source: str = "config") -> nn.Module:
-    """A randomly initialised model from a timm Hub config (as :func:`timm_config` writes it)."""
-    from timm.models._hub import _parse_model_cfg
-
-    try:
-        pretrained_cfg, arch, model_args = _parse_model_cfg(json.loads(json.dumps(config)), {})
-    except (KeyError, TypeError, AttributeError) as e:
-        raise PosthocError(f"{source} is not a timm model config (missing {first_line(e)}); fix or regenerate it") from e
-    if not timm.is_model(arch):
-        raise PosthocError(f"{source} names unknown architecture '{arch}'{_suggest(arch)}")
-    return timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
-
-
-# ------------------------------------------------------------------------------------ weights files
 def _load_weights_file(path: Path, arch: str | None) -> nn.Module:
     if not path.is_file():
         raise PosthocError(f"weights file {path} does not exist; check the path")
     if not arch:
         raise PosthocError(f"{path.name} is a bare weights file; also pass --arch NAME (the timm architecture)")
     if not timm.is_model(arch):
-        raise PosthocError(f"unknown architecture '{arch}'{_suggest(arch)}")
+        raise PosthocError(f"unknown architecture '{arch}'{suggest_architecture(arch)}")
     state_dict = read_state_dict(path)
     model = timm.create_model(arch, pretrained=False)
-    classes = _checkpoint_num_classes(model, state_dict)
+    classes = checkpoint_num_classes(model, state_dict)
     if classes is not None and classes != model.num_classes:
         model = timm.create_model(arch, pretrained=False, num_classes=classes)
     load_weights(model, state_dict, source=str(path))
     return model
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)`` for pickles.
-
-    Unwraps ``state_dict`` / ``model`` / EMA wrappers and ``module.`` prefixes (timm's
-    ``load_state_dict`` rules, which prefer EMA weights when a training checkpoint holds both).
-    """
-    from timm.models import load_state_dict
-
-    path = Path(path)
-    try:
-        state = load_state_dict(str(path), weights_only=True)
-    except Exception as e:  # safetensors / pickle / zip errors all mean "unreadable file"
-        raise PosthocError(
-            f"cannot read weights file {path}: {first_line(e)}; the file is corrupt, truncated or not a "
-            "PyTorch checkpoint (pickled objects other than tensors are refused for safety)"
-        ) from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PosthocError(f"{path} does not hold a state dict of tensors; save model.state_dict() instead")
-    return state
-
-
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state_dict`` into ``model``, failing with the first mismatching keys named."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatch in {', '.join(shapes[:3])}")
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
-        if unexpected:
-            parts.append(
-                f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
-            )
-        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise PosthocError(f"weights in {source} do not fit architecture '{arch}': {'; '.join(parts)}; check --arch")
-    model.load_state_dict(state_dict, strict=True)
-
-
-def _checkpoint_num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int | None:
-    classifier = model.pretrained_cfg.get("classifier")
-    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    for name in names:
-        weight = state_dict.get(f"{name}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
-    return None
-
-
-def _reset_head(model: nn.Module, num_classes: int) -> None:
-    model.reset_classifier(num_classes)
-    cfg = dict(model.pretrained_cfg)
-    cfg["num_classes"] = num_classes
-    cfg.pop("label_names", None)
-    model.pretrained_cfg = model.default_cfg = cfg

@@ -1,34 +1,267 @@
-"""Small training and inference helpers shared by the methods."""
+"""The training engine every method uses: the step loop, cached forward passes, BatchNorm re-estimation.
+
+- :func:`train_steps` is the one training loop (forward, loss, backward, optimizer and per-step
+  scheduler, an ``after_step`` hook for methods that act on the weights between steps, optional
+  mixed precision, a progress bar, losses read from the device only once per window, divergence
+  detection); :func:`train_epochs` runs it epoch by epoch and keeps the epoch that scores best on the
+  select part.
+- :func:`cache_outputs` runs functions over a loader once and keeps their outputs on the CPU (the
+  frozen part of a network over the training images); :func:`run_cached` runs a function over such a
+  cache; :func:`materialize` keeps a loader's images in memory for repeated passes.
+- :func:`recalibrate_bn` re-estimates BatchNorm statistics (``torch.optim.swa_utils.update_bn``) on
+  :class:`ImageBatches`, the first training batches kept in memory when they fit.
+- :func:`epoch_order` / :func:`batches_of` / :class:`CachedData` give seeded sample orders and batches
+  over cached tensors; seeds come from :func:`posthoc.runtime.seeded_generator`.
+"""
 
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from .errors import PosthocError
-from .runtime import progress
+from .metrics import fit_temperature, scores
+from .runtime import autocast, progress, seeded_generator
+
+BN_CACHE_BYTES = 1 << 30  # keep BatchNorm batches in memory when they fit in 1 GiB
 
 
+# ------------------------------------------------------------------------------------ the loop
+def train_steps(
+    forward: Callable[[Any], torch.Tensor],
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int | None = None,
+    scheduler: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
+    amp: bool = False,
+    window: int | None = None,
+    show_progress: bool = False,
+    description: str = "train",
+) -> list[float]:
+    """Run one optimizer step per batch of ``(inputs, targets)``; return every step's loss.
+
+    ``forward(inputs)`` gives logits; the loss is ``loss_fn(logits, targets, inputs)`` (default: batch
+    mean cross-entropy) plus ``regularizer()``; then backward, ``optimizer.step()``, ``scheduler.step()``
+    (per step) and ``after_step(step)`` (1-based). Inputs (a tensor or a tuple of tensors) and targets
+    move to ``device``. With ``amp``, the forward pass runs under autocast (bfloat16 on CPU, float16
+    with a ``GradScaler`` on CUDA). Losses stay on the device and are read every ``window`` steps
+    (default: a tenth of ``steps``), which is also when a non-finite loss stops training with a
+    one-line error.
+    """
+    loss_fn = loss_fn or (lambda logits, y, _inputs: F.cross_entropy(logits, y))
+    window = window or max(1, (steps or 100) // 10)
+    scaler = None
+    if amp and device is not None and device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    pending: list[torch.Tensor] = []
+    losses: list[float] = []
+
+    def flush(step: int) -> None:
+        values = torch.stack(pending).float().cpu()
+        pending.clear()
+        if not torch.isfinite(values).all():
+            raise PosthocError(f"training diverged by step {step} (loss {values[-1].item()}); lower the learning rate")
+        losses.extend(values.tolist())
+
+    step = 0
+    for step, (inputs, y) in enumerate(progress(batches, total=steps, description=description, enabled=show_progress), 1):
+        if device is not None:
+            inputs, y = to_device(inputs, device), y.to(device, non_blocking=True)
+        with autocast(device or torch.device("cpu"), amp):
+            loss = loss_fn(forward(inputs), y, inputs)
+        if regularizer is not None:
+            loss = loss + regularizer()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step(step)
+        pending.append(loss.detach())
+        if len(pending) == window:
+            flush(step)
+    if pending:
+        flush(step)
+    return losses
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple of tensors, moved to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    return tuple(t.to(device, non_blocking=True) for t in inputs)
+
+
+def cycle(loader: Iterable, steps: int) -> Iterator:
+    """Exactly ``steps`` batches of ``loader``, starting it again as often as needed (fractional epochs)."""
+    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+
+
+def make_optimizer(kind: str, params: list[torch.Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """A fresh optimizer: Adam (AdamW with weight decay) or SGD with momentum 0.9 (Nesterov)."""
+    if kind == "adam":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing of the learning rate from its value to 0 over ``total_steps`` steps."""
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def train_epochs(
+    forward: Callable[[Any], torch.Tensor],
+    params: list[nn.Parameter],
+    batches: Callable[[int], Iterable],
+    select_logits: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epochs: int,
+    optimizer: str,
+    lr: float,
+    steps_per_epoch: int,
+    weight_decay: float = 0.0,
+    l2: float = 0.0,
+    train_modules: Sequence[nn.Module] = (),
+    select_by: str = "nll",
+    calibrated: bool = False,
+    show_progress: bool = False,
+    description: str = "train",
+) -> tuple[int, list[dict[str, float]]]:
+    """Train ``params`` for ``epochs`` with a fresh optimizer (cosine-annealed per step); keep the best epoch.
+
+    ``batches(epoch)`` yields ``(inputs, targets)``; ``select_logits()`` returns the select part's logits
+    and targets under the current parameters. Epoch 0 (the starting parameters) is scored too, so the
+    result is never worse on the select part than the start. ``select_by`` is ``nll``, ``top1`` or
+    ``last``. ``train_modules`` are put in train mode while training (BatchNorm ``--bn train``); their
+    buffers are restored with the best epoch. ``l2`` adds ``l2 * sum(p^2)`` over ``params`` to the
+    loss (Keras's L2 regulariser, as the SuperNet thesis used). With ``calibrated`` (the result will be
+    temperature-scaled), each epoch is also scored after fitting its own temperature on the select part
+    (``nll_t``, ``t``) and NLL selection compares those. Returns ``(best_epoch, history)``.
+    """
+    opt = make_optimizer(optimizer, params, lr, weight_decay)
+    sched = cosine_schedule(opt, epochs * steps_per_epoch)
+    buffers = [b for m in train_modules for b in m.buffers(recurse=False)]
+    regularizer = (lambda: l2 * sum((p * p).sum() for p in params)) if l2 else None
+
+    def snapshot():
+        return [p.detach().clone() for p in params], [b.detach().clone() for b in buffers]
+
+    def evaluate_select(epoch: int, train_loss: float | None) -> dict[str, float]:
+        logits, y = select_logits()
+        row = {"epoch": epoch, **{k: round(v, 5) for k, v in scores(logits, y).items()}}
+        if calibrated:
+            t = fit_temperature(logits, y)
+            row.update(t=round(t, 4), nll_t=round(scores(logits, y, t)["nll"], 5))
+        if train_loss is not None:
+            row["train_loss"] = round(train_loss, 5)
+        return row
+
+    def key(row):
+        if select_by == "last":
+            return -row["epoch"]
+        nll = row["nll_t"] if calibrated else row["nll"]
+        return (nll, -row["top1"]) if select_by == "nll" else (-row["top1"], nll)
+
+    history = [evaluate_select(0, None)]
+    best, best_state = 0, snapshot()
+    for epoch in range(1, epochs + 1):
+        for m in train_modules:
+            m.train()
+        losses = train_steps(
+            forward,
+            batches(epoch),
+            opt,
+            steps=steps_per_epoch,
+            scheduler=sched,
+            regularizer=regularizer,
+            show_progress=show_progress,
+            description=f"{description} epoch {epoch}/{epochs}",
+        )
+        for m in train_modules:
+            m.eval()
+        row = evaluate_select(epoch, sum(losses) / max(len(losses), 1))
+        history.append(row)
+        if key(row) < key(history[best]):
+            best, best_state = epoch, snapshot()
+    with torch.no_grad():
+        for p, v in zip(params, best_state[0]):
+            p.copy_(v)
+        for b, v in zip(buffers, best_state[1]):
+            b.copy_(v)
+    return best, history
+
+
+# ------------------------------------------------------------------------------------ sample orders
+def epoch_order(indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a seeded permutation of ``indices``."""
+    return indices[torch.randperm(len(indices), generator=seeded_generator(seed, epoch))]
+
+
+def batches_of(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Batches of ``order``; the last incomplete one is dropped when there is more than one batch
+    (as the training loader does)."""
+    n = len(order)
+    stop = n - n % batch_size if n > batch_size else n
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+@dataclass
+class CachedData:
+    """Training inputs for the part of a network after a cut: cached tensors, or images streamed through
+    the frozen prefix every epoch (``dataset`` with a per-epoch augmentation, ``prefix`` the frozen part)."""
+
+    cache: tuple[torch.Tensor, ...] | None
+    targets: torch.Tensor
+    dataset: Any = None
+    workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batches(self, order: torch.Tensor, batch_size: int, prefix: Callable | None, device: torch.device, seed: int) -> Iterator:
+        """``(inputs, targets)`` per batch in ``order``: cached inputs, or ``prefix(images)`` when streaming."""
+        if self.cache is not None:
+            for idx in batches_of(order, batch_size):
+                yield tuple(t.index_select(0, idx).to(device) for t in self.cache), self.targets[idx].to(device)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            num_workers=self.workers,
+            drop_last=len(order) > batch_size,
+            generator=seeded_generator(seed),
+        )
+        for x, y in loader:
+            with torch.no_grad():
+                entries = prefix(_cpu_channels_last(x.to(device)))
+            yield entries, y.to(device)
+
+
+# ------------------------------------------------------------------------------------ cached forwards
 @torch.no_grad()
-def collect_logits(
-    model: nn.Module, loader: Iterable, device: torch.device, *, show_progress: bool = False, description: str = "forward"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits (N, C) of ``model`` over ``loader`` (eval mode, float32, on CPU) and targets (N,)."""
-    model.eval()
-    logits, targets = [], []
-    for x, y in progress(loader, description=description, enabled=show_progress):
-        logits.append(model(x.to(device, non_blocking=True)).float().cpu())
-        targets.append(y)
-    return torch.cat(logits), torch.cat(targets)
-
-
-@torch.no_grad()
-def collect_inputs(loader: Iterable, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialise (up to ``limit``) images and targets of a loader, for repeated cheap passes."""
+def materialize(loader: Iterable, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep (up to ``limit``) images and targets of a loader in memory, for repeated cheap passes."""
     xs, ys, n = [], [], 0
     for x, y in loader:
         xs.append(x)
@@ -40,19 +273,95 @@ def collect_inputs(loader: Iterable, limit: int | None = None) -> tuple[torch.Te
     return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
+@torch.no_grad()
+def cache_outputs(
+    fns: Sequence[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
+    loader: Iterable,
+    device: torch.device,
+    *,
+    show_progress: bool = False,
+    description: str = "cache",
+) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+    """One pass over ``loader``: every ``fn(images)`` (a tuple of tensors) on each batch, the images
+    decoded once for all of them; returns each fn's outputs concatenated on the CPU, and the targets."""
+    per_fn: list[list[list[torch.Tensor]]] = [[] for _ in fns]
+    targets = []
+    for x, y in progress(loader, description=description, enabled=show_progress):
+        x = _cpu_channels_last(x.to(device))
+        for store, fn in zip(per_fn, fns):
+            out = fn(x)
+            if not store:
+                store.extend([] for _ in out)
+            for lst, t in zip(store, out):
+                lst.append(t.detach().float().cpu().contiguous())
+        targets.append(y)
+    return [tuple(torch.cat(t) for t in store) for store in per_fn], torch.cat(targets)
+
+
+@torch.no_grad()
+def run_cached(fn: Callable[[tuple], Any], cache: Sequence[torch.Tensor], device: torch.device, batch: int = 1024):
+    """Apply ``fn`` to ``cache`` (tensors with a common first dimension) batch by batch; concatenate
+    each output on the CPU."""
+    outs: list[list[torch.Tensor]] = []
+    n = cache[0].shape[0]
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(i + batch, n))
+        res = fn(tuple(t.index_select(0, idx).to(device) for t in cache))  # copies: in-place ops cannot touch the cache
+        res = res if isinstance(res, tuple) else (res,)
+        if not outs:
+            outs = [[] for _ in res]
+        for lst, r in zip(outs, res):
+            lst.append(r.detach().float().cpu())
+    return tuple(torch.cat(o) for o in outs)
+
+
+def _cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Images in channels-last layout on the CPU, where its convolutions run faster."""
+    if x.dim() == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# ------------------------------------------------------------------------------------ BatchNorm
 def has_batchnorm(model: nn.Module) -> bool:
     """True when ``model`` holds a BatchNorm layer."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+class ImageBatches:
+    """The first ``n`` image batches of a loader: kept in memory when they fit in 1 GiB, else re-read.
+
+    ``make_loader()`` must give the same batches every time (a seeded order).
+    """
+
+    def __init__(self, make_loader: Callable[[], Iterable], n: int):
+        self.make_loader, self.n = make_loader, n
+        self.cache: list[torch.Tensor] | None = None
+        batches = self._read()
+        first = next(batches, None)
+        if first is None:
+            raise PosthocError("BatchNorm recalibration got no training images; check the training split")
+        if first.element_size() * first.numel() * n <= BN_CACHE_BYTES:
+            self.cache = [first, *batches]
+
+    def _read(self) -> Iterator[torch.Tensor]:
+        for i, batch in enumerate(self.make_loader()):
+            if i >= self.n:
+                break
+            yield batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.cache) if self.cache is not None else self._read()
+
+
 def recalibrate_bn(
     model: nn.Module,
-    loader: Iterable,
+    batches: Iterable,
     device: torch.device,
     max_batches: int | None = None,
     modules: list[nn.Module] | None = None,
 ) -> nn.Module:
-    """Re-estimate BatchNorm running statistics on ``loader`` (SWA's ``update_bn``).
+    """Re-estimate BatchNorm running statistics on ``batches`` (SWA's ``update_bn``).
 
     ``torch.optim.swa_utils.update_bn`` resets the statistics and averages them over the batches
     (cumulative mean, momentum None). Batches may be tensors, ``(images, targets)`` tuples, or dicts
@@ -65,7 +374,7 @@ def recalibrate_bn(
 
     def images():
         seen = 0
-        for batch in itertools.islice(loader, max_batches):
+        for batch in itertools.islice(batches, max_batches):
             seen += 1
             if isinstance(batch, dict):
                 batch = batch.get("image", batch.get("pixel_values"))

@@ -14,12 +14,12 @@ os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="posthoc-hf-cache-")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from .helpers import make_image_folder, save_hub_layout, tiny_model  # noqa: E402
+from .helpers import make_image_folder, save_hub_layout, tiny_model
 
 torch.set_num_threads(2)
 
@@ -39,5 +39,3 @@ def resnet_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hf_cache() -> Path:
     return Path(os.environ["HF_HUB_CACHE"])
-
-

@@ -10,9 +10,15 @@ import timm
 import torch
 from PIL import Image
 
-
-SMALL_CFG = dict(input_size=(3, 32, 32), test_input_size=(3, 32, 32), crop_pct=1.0, test_crop_pct=1.0,
-                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
+SMALL_CFG = dict(
+    input_size=(3, 32, 32),
+    test_input_size=(3, 32, 32),
+    crop_pct=1.0,
+    test_crop_pct=1.0,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    interpolation="bilinear",
+)
 CLASSES = ("circle", "square", "stripes")
 
 
@@ -21,7 +27,9 @@ def tiny_model(name: str = "test_resnet", num_classes: int = 3, seed: int = 0, *
     torch.manual_seed(seed)
     if name.startswith("test_vit"):
         kwargs.setdefault("img_size", 32)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=dict(SMALL_CFG), **kwargs).eval()
+    return timm.create_model(
+        name, pretrained=False, num_classes=num_classes, pretrained_cfg_overlay=dict(SMALL_CFG), **kwargs
+    ).eval()
 
 
 def save_hub_layout(model: torch.nn.Module, directory: Path) -> Path:

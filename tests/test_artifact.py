@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import posthoc
-from posthoc import Combine, Ensemble, PosthocError
+from posthoc import Combine, Ensemble, PosthocError, Provenance
 from posthoc.artifact import read_config
 from posthoc.cli import main
 from posthoc.fused import EnsembleModule
@@ -39,8 +39,12 @@ def head_only_members(k=4):
 FAMILIES = {
     "full-resnet": lambda: [tiny_model("test_resnet", seed=s) for s in range(3)],
     "head-only": head_only_members,
-    "mixed-arch": lambda: [tiny_model("test_resnet", seed=0), tiny_model("test_efficientnet", seed=1),
-                           tiny_model("test_vit", seed=2), tiny_model("test_resnet", seed=3)],
+    "mixed-arch": lambda: [
+        tiny_model("test_resnet", seed=0),
+        tiny_model("test_efficientnet", seed=1),
+        tiny_model("test_vit", seed=2),
+        tiny_model("test_resnet", seed=3),
+    ],
 }
 
 
@@ -62,7 +66,7 @@ def test_fused_equals_members_one_by_one(family, strategy):
 def test_head_only_group_stores_and_runs_trunk_once():
     models = head_only_members(4)
     ens = Ensemble.from_models(models)
-    assert sorted(ens.groups[0].stacked) == ["fc.weight"]
+    assert sorted(ens.groups[0].member_tensors) == ["fc.weight"]
     for strategy in ("loop", "vmap", "threads"):
         fused = EnsembleModule(ens, strategy=strategy).eval()
         convs = [m for m in fused.executors[0].net.model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -138,9 +142,9 @@ def test_folding_never_moves_shared_convolutions_to_the_members():
 
 def test_round_trip_gives_identical_outputs(tmp_path):
     models = FAMILIES["mixed-arch"]()
-    ens = Ensemble.from_models(models, method="ensemble", method_config={"combine": "prob_mean"}, metrics={"val": {"top1": 50.0}})
+    ens = Ensemble.from_models(models)
     before = EnsembleModule(ens).eval()
-    posthoc.save(ens, tmp_path / "art")
+    posthoc.save(ens, tmp_path / "art", Provenance(config={"combine": "prob_mean"}, metrics={"val": {"top1": 50.0}}))
     after = posthoc.load(tmp_path / "art")
     with torch.no_grad():
         assert torch.equal(before(X), after(X))
@@ -152,6 +156,11 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert cfg["groups"][0]["timm_config"]["pretrained_cfg"]["input_size"] == [3, 32, 32]
     card = (tmp_path / "art" / "README.md").read_text()
     assert "library_name: posthoc" in card and "posthoc.load" in card and "| val | 50" in card
+    # the front matter is huggingface_hub's: its eval results parse back from the card
+    from huggingface_hub import ModelCard
+
+    results = ModelCard(card).data.eval_results
+    assert [(r.dataset_split, r.metric_type, r.metric_value) for r in results] == [("val", "accuracy", 50.0)]
 
 
 def test_shared_tensors_are_stored_once(tmp_path):
@@ -202,12 +211,12 @@ def test_low_precision_runs_close_to_float32(dtype):
 
 
 def test_interrupted_save_leaves_no_artifact(tmp_path, monkeypatch):
-    import posthoc.card
+    import posthoc.artifact
 
     def boom(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(posthoc.card, "render_card", boom)
+    monkeypatch.setattr(posthoc.artifact, "render_card", boom)
     with pytest.raises(KeyboardInterrupt):
         posthoc.save(Ensemble.from_models(head_only_members(2)), tmp_path / "art")
     assert list(tmp_path.iterdir()) == []
@@ -264,8 +273,22 @@ def test_cli_ensemble_info_eval(tmp_path, capsys, image_data):
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "members" in info and "m0, m1, m2" in info and "size on disk" in info
-    assert main(["eval", str(out), "--data", str(image_data), "--workers", "0", "--no-progress",
-                 "--results-file", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--data",
+                str(image_data),
+                "--workers",
+                "0",
+                "--no-progress",
+                "--results-file",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["members"] == 3 and 0 <= result["disagreement"] <= 100 and "member_top1" in result
 
@@ -290,8 +313,10 @@ def test_overwrite_never_replaces_a_non_artifact(tmp_path):
 def test_coupling_width_comes_from_the_classifier_not_num_features():
     import timm
 
-    models = [timm.create_model("mobilenetv3_small_050", num_classes=3, pretrained_cfg_overlay=dict(input_size=(3, 32, 32))).eval()
-              for _ in range(2)]
+    models = [
+        timm.create_model("mobilenetv3_small_050", num_classes=3, pretrained_cfg_overlay=dict(input_size=(3, 32, 32))).eval()
+        for _ in range(2)
+    ]
     heads = [m.get_classifier() for m in models]
     assert heads[0].in_features != models[0].num_features  # MobileNetV3 has a head hidden layer
     weight = torch.cat([h.weight.detach() for h in heads], dim=1) / 2

@@ -20,12 +20,39 @@ def run(capsys, *args):
 
 
 def test_eval_matches_a_direct_timm_computation(capsys, tmp_path, resnet_dir, image_data):
-    code, out, err = run(capsys, "eval", resnet_dir, "--data", image_data, "--split", "val", "--workers", 0,
-                         "--batch-size", 16, "--results-file", tmp_path / "r.json", "--no-progress")
+    code, out, err = run(
+        capsys,
+        "eval",
+        resnet_dir,
+        "--data",
+        image_data,
+        "--split",
+        "val",
+        "--workers",
+        0,
+        "--batch-size",
+        16,
+        "--results-file",
+        tmp_path / "r.json",
+        "--no-progress",
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "r.json").read_text())
-    for field in ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
-                  "interpolation", "nll", "ece", "brier", "throughput"):
+    for field in (
+        "model",
+        "top1",
+        "top1_err",
+        "top5",
+        "top5_err",
+        "param_count",
+        "img_size",
+        "crop_pct",
+        "interpolation",
+        "nll",
+        "ece",
+        "brier",
+        "throughput",
+    ):
         assert field in result
     assert result["img_size"] == 32 and result["crop_pct"] == 1.0 and result["interpolation"] == "bilinear"
     # the same numbers computed directly with timm's transforms
@@ -45,8 +72,22 @@ def test_eval_matches_a_direct_timm_computation(capsys, tmp_path, resnet_dir, im
 
 
 def test_eval_csv_and_select_part(capsys, tmp_path, resnet_dir, image_data):
-    code, _, err = run(capsys, "eval", resnet_dir, "--data", image_data, "--split", "val:report", "--workers", 0,
-                       "--results-file", tmp_path / "r.csv", "--no-progress", "--subset", 10)
+    code, _, err = run(
+        capsys,
+        "eval",
+        resnet_dir,
+        "--data",
+        image_data,
+        "--split",
+        "val:report",
+        "--workers",
+        0,
+        "--results-file",
+        tmp_path / "r.csv",
+        "--no-progress",
+        "--subset",
+        10,
+    )
     assert code == 0, err
     row = next(csv.DictReader((tmp_path / "r.csv").open()))
     assert row["split"] == "val:report" and int(row["images"]) == 10
@@ -58,7 +99,10 @@ def test_eval_csv_and_select_part(capsys, tmp_path, resnet_dir, image_data):
         (["eval", "resnet5O", "--data", "{data}"], "unknown model 'resnet5O'; did you mean"),
         (["eval", "{model}", "--data", "{data}/nope"], "data directory .* does not exist"),
         (["eval", "{model}", "--data", "{data}", "--split", "test"], "split 'test' not found"),
-        (["eval", "{model}", "--data", "{data}", "--num-classes", "5"], "predicts 5 classes but the data has 3 class folders; pass --num-classes 3"),
+        (
+            ["eval", "{model}", "--data", "{data}", "--num-classes", "5"],
+            "predicts 5 classes but the data has 3 class folders; pass --num-classes 3",
+        ),
         (["eval", "{model}", "--data", "{data}", "--device", "cuda"], "no CUDA GPU is available; use --device cpu"),
         (["eval", "{model}/model.safetensors", "--data", "{data}"], "bare weights file; also pass --arch"),
         (["eval", "{model}", "--data", "{data}", "--results-file", "out.txt"], "must end in .json or .csv"),
@@ -69,7 +113,7 @@ def test_eval_errors_are_one_line(capsys, monkeypatch, resnet_dir, image_data, a
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = [a.format(model=resnet_dir, data=image_data) for a in args]
-    code, out, err = run(capsys, *args, "--workers", "0", "--no-progress")
+    code, _out, err = run(capsys, *args, "--workers", "0", "--no-progress")
     assert code == 2
     text = " ".join(err.split())
     assert re.search(message, text), text

@@ -17,8 +17,22 @@ def test_digits_are_written_as_image_folder(tmp_path):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path), "--parent-epochs", "3", "--no-progress", "--population", "4",
-                 "--members", "2", "--kl-samples", "50"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--parent-epochs",
+            "3",
+            "--no-progress",
+            "--population",
+            "4",
+            "--members",
+            "3",
+            "--kl-samples",
+            "50",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "held-out digits" in out and "parent" in out

@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 from urllib.parse import urlparse
 
 import pytest
@@ -15,8 +16,8 @@ import torch
 
 import posthoc
 from posthoc import Ensemble, PosthocError
+from posthoc.artifact import push
 from posthoc.cli import main
-from posthoc.hub import push
 
 from .helpers import fill_hf_cache, tiny_model
 
@@ -27,8 +28,8 @@ X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 class FakeHub(BaseHTTPRequestHandler):
     """The part of the Hub API that ``HfApi.create_repo`` / ``create_commit`` use, kept in memory."""
 
-    repos: dict[str, dict] = {}
-    commits: list[dict] = []
+    repos: ClassVar[dict[str, dict]] = {}
+    commits: ClassVar[list[dict]] = []
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -41,7 +42,7 @@ class FakeHub(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_POST(self):  # noqa: N802 - http.server's naming
+    def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._reply(401, {"error": "Invalid credentials in Authorization header"})
@@ -61,8 +62,10 @@ class FakeHub(BaseHTTPRequestHandler):
             self.repos[repo].setdefault("branches", []).append(parts[6])
             return self._reply(200, {})
         if action == "preupload":
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                     for f in json.loads(body)["files"]]
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                for f in json.loads(body)["files"]
+            ]
             return self._reply(200, {"files": files})
         if action == "commit":
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -71,8 +74,9 @@ class FakeHub(BaseHTTPRequestHandler):
             self.repos[repo]["files"].update(files)
             self.commits.append({"repo": repo, "revision": parts[6], "summary": header["summary"], "files": sorted(files)})
             oid = hashlib.sha1(body).hexdigest()
-            return self._reply(200, {"commitOid": oid, "commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}",
-                                     "pullRequestUrl": None})
+            return self._reply(
+                200, {"commitOid": oid, "commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}", "pullRequestUrl": None}
+            )
         return self._reply(404, {"error": f"unknown endpoint {path}"})
 
 
@@ -93,7 +97,7 @@ def hub(monkeypatch):
 
 @pytest.fixture
 def artifact(tmp_path):
-    ens = Ensemble.from_models([tiny_model("test_resnet", seed=s) for s in range(2)], method="ensemble")
+    ens = Ensemble.from_models([tiny_model("test_resnet", seed=s) for s in range(2)])
     return posthoc.save(ens, tmp_path / "deep2")
 
 

@@ -32,7 +32,9 @@ def test_hand_computed_case():
     assert r["top1"] == pytest.approx(50.0)
     assert r["top5"] == pytest.approx(100.0)  # 3 classes: the top-5 always holds the label
     assert r["nll"] == pytest.approx(-(math.log(0.70) + math.log(0.28) + math.log(0.62) + math.log(0.38)) / 4)
-    brier = (0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.62**2 + 0.72**2) + (0.18**2 + 0.2**2 + 0.38**2) + (0.52**2 + 0.62**2 + 0.1**2)
+    brier = (
+        (0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.62**2 + 0.72**2) + (0.18**2 + 0.2**2 + 0.38**2) + (0.52**2 + 0.62**2 + 0.1**2)
+    )
     assert r["brier"] == pytest.approx(brier / 4)
     # bins: |1 - 0.70| + |1 - (0.62 + 0.62)| + |0 - 0.52|, over 4 images
     assert r["ece"] == pytest.approx(100 * (0.30 + 0.24 + 0.52) / 4)

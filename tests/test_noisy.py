@@ -50,17 +50,17 @@ def test_relative_noise_scales_by_weight_std():
         assert torch.allclose(child[name], w + 0.1 * w.std() * z)
 
 
-def test_scope_keeps_only_last_blocks_and_classifier():
+def test_last_layers_keep_only_last_blocks_and_classifier():
     parent = tiny_model("test_resnet")
-    assert mutable_tensors(parent, scope=0) == ["fc.weight"]
-    scoped = mutable_tensors(parent, scope=1)
+    assert mutable_tensors(parent, layers=1) == ["fc.weight"]
+    scoped = mutable_tensors(parent, layers=2)
     assert scoped[-1] == "fc.weight" and all(n.startswith(("layer4.", "fc.")) for n in scoped)
     assert set(scoped) < set(mutable_tensors(parent))
 
 
 def test_bisection_hits_target_kl_within_ten_percent(image_data):
     from posthoc.data import eval_transform, image_folder, resolve_data_config
-    from posthoc.training import collect_inputs
+    from posthoc.training import materialize as collect_inputs
 
     parent = tiny_model("test_resnet", seed=2)
     ds = image_folder(image_data, "val", eval_transform(resolve_data_config(parent)))
@@ -69,6 +69,7 @@ def test_bisection_hits_target_kl_within_ten_percent(image_data):
     scorer = ChildScorer(parent, names, x, y, torch.device("cpu"))
     mutator = Mutator(parent, names, 0.5, "absolute", seed=0)
     for target in (0.01, 0.05):
+
         def kl_at(s):
             return kl_to_parent(scorer.parent_logits, scorer.logits(mutator.child(Child(0, 1, False), s)))
 
@@ -79,7 +80,7 @@ def test_bisection_hits_target_kl_within_ten_percent(image_data):
 
 def test_scored_suffix_matches_full_child(image_data):
     parent = tiny_model("test_resnet", seed=1)
-    names = mutable_tensors(parent, scope=1)
+    names = mutable_tensors(parent, layers=2)
     x = torch.randn(6, 3, 32, 32)
     scorer = ChildScorer(parent, names, x, torch.zeros(6, dtype=torch.long), torch.device("cpu"))
     mutator = Mutator(parent, names, 0.5, "absolute", seed=0)
@@ -93,7 +94,7 @@ def test_scored_suffix_matches_full_child(image_data):
 
 def _boost(resnet_dir, image_data, out, **kw):
     kw.setdefault("population", 8)
-    kw.setdefault("members", 4)
+    kw.setdefault("members", 5)
     kw.setdefault("kl_samples", 20)
     return boost([str(resnet_dir)], "noisy", image_data, out, workers=0, show_progress=False, log=lambda m: None, **kw)
 
@@ -102,12 +103,12 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
     _boost(resnet_dir, image_data, tmp_path / "a", seed=7)
     _boost(resnet_dir, image_data, tmp_path / "b", seed=7)
     _boost(resnet_dir, image_data, tmp_path / "c", seed=8)
-    read = lambda d, f: (tmp_path / d / f).read_bytes()  # noqa: E731
+    read = lambda d, f: (tmp_path / d / f).read_bytes()
     for name in ("model.safetensors", "config.json", "README.md"):
         assert read("a", name) == read("b", name), name
     assert read("a", "model.safetensors") != read("c", "model.safetensors")
     config = json.loads(read("a", "config.json"))
-    measured = config["method"]["config"]["measured"]
+    measured = config["method"]["measured"]
     assert measured["sigma"] > 0 and len(measured["selected"]) == 4
     assert config["data"]["tuned_on"] == "val:select"
 
@@ -115,8 +116,10 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
 def test_selection_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, image_data):
     from posthoc.data import image_folder
 
-    report = {Path(p).name + Path(p).parent.name for p, _ in
-              (image_folder(image_data, "val").samples[i] for i in image_folder(image_data, "val:report").indices)}
+    report = {
+        Path(p).name + Path(p).parent.name
+        for p, _ in (image_folder(image_data, "val").samples[i] for i in image_folder(image_data, "val:report").indices)
+    }
     seen = []
     original = DatasetFolder.__getitem__
 
@@ -132,7 +135,7 @@ def test_selection_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, 
 
 
 def test_bn_recalibration_changes_only_scoped_statistics(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", scope=1, bn_recalibrate=True, bn_batches=2)
+    _boost(resnet_dir, image_data, tmp_path / "a", last_layers=2, bn_recalibrate=True, bn_batches=2)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     stacked = config["groups"][0]["member_tensors"]
     assert any(n.endswith("running_var") for n in stacked)
@@ -141,25 +144,84 @@ def test_bn_recalibration_changes_only_scoped_statistics(tmp_path, resnet_dir, i
 
 def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
     out = tmp_path / "n"
-    code = main(["boost", str(resnet_dir), "--method", "noisy", "--data", str(image_data), "--out", str(out),
-                 "--workers", "0", "--no-progress", "--population", "4", "--members", "2", "--kl-samples", "10",
-                 "--include-parent", "--target-kl=0.05", "--scope", "1"])
+    code = main(
+        [
+            "boost",
+            str(resnet_dir),
+            "--method",
+            "noisy",
+            "--data",
+            str(image_data),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--no-progress",
+            "--population",
+            "4",
+            "--members",
+            "3",
+            "--kl-samples",
+            "10",
+            "--include-parent",
+            "--target-kl=0.05",
+            "--last-layers",
+            "2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     cfg = config["method"]["config"]
-    assert cfg["population"] == 4 and cfg["target_kl"] == 0.05 and cfg["include_parent"] and cfg["scope"] == 1
-    assert config["num_members"] == 3 and config["members"][0]["name"] == "parent"
+    assert cfg["population"] == 4 and cfg["target_kl"] == 0.05 and cfg["include_parent"] and cfg["last_layers"] == 2
+    # --members counts every member of the artifact, the parent included
+    assert config["num_members"] == 3 and config["members"][0]["name"] == "parent" and config["method"]["include_parent"]
     assert main(["methods", "noisy"]) == 0
     assert "--target-kl" in capsys.readouterr().out
+
+
+def test_method_options_are_listed_by_boost_help(capsys):
+    assert main(["boost", "--method", "noisy", "--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("--target-kl", "--last-layers", "--include-parent", "accuracy|nll", "default: 0.05"):
+        assert text in out, text
+
+
+def test_old_scope_flag_still_works_with_a_deprecation_line(tmp_path, capsys, resnet_dir, image_data):
+    args = [
+        "boost",
+        str(resnet_dir),
+        "--method",
+        "noisy",
+        "--data",
+        str(image_data),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--population",
+        "4",
+        "--members",
+        "2",
+        "--kl-samples",
+        "10",
+        "--bn-batches",
+        "1",
+    ]
+    assert main([*args, "--out", str(tmp_path / "old"), "--scope", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "--scope is deprecated" in err and "use --last-layers 2" in err
+    assert main([*args, "--out", str(tmp_path / "new"), "--last-layers", "2"]) == 0
+    old, new = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("old", "new"))
+    assert old == new
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--densty", "0.3"], "unknown option --densty"),
-        (["--density", "2"], "--density must be in"),
-        (["--members", "many"], "expects int"),
-        (["--fitness", "f1"], "--fitness must be accuracy or nll"),
+        (["--densty", "0.3"], "No such option: --densty"),
+        (["--density", "2"], "--density must be <= 1, got 2"),
+        (["--members", "many"], "Invalid value for '--members'"),
+        (["--fitness", "f1"], "'f1' is not one of 'accuracy', 'nll'"),
+        (["--members", "9", "--population", "4"], "keeps 8 children"),
     ],
 )
 def test_cli_boost_flag_errors(tmp_path, capsys, resnet_dir, image_data, flags, message):

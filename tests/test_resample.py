@@ -48,7 +48,9 @@ def test_welford_matches_torch_mean_and_population_var(monkeypatch, dtype, burn_
     model = tiny_model("test_resnet")
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = _spy_snapshots(monkeypatch)
-    stats, summary = finetune_with_stats(model, _random_batches(4), 10, lr=0.2, momentum=0.5, burn_in=burn_in, every=every, dtype=dtype)
+    stats, summary = finetune_with_stats(
+        model, _random_batches(4), 10, lr=0.2, momentum=0.5, burn_in=burn_in, every=every, dtype=dtype
+    )
     assert summary["steps"] == 10 and stats.count == len(seen) == (10 - burn_in) // every
     # every trainable parameter is tracked, and the samples are post-update iterates
     assert stats.names == [n for n, p in model.named_parameters() if p.requires_grad]
@@ -122,11 +124,15 @@ def test_stats_round_trip_through_safetensors(tmp_path):
         keys = set(f.keys())
         assert f.metadata()["format"] == "posthoc-welford" and f.metadata()["architecture"] == "test_resnet"
     assert "count" in keys and {f"mean.{n}" for n in stats.names} < keys and {f"m2.{n}" for n in stats.names} < keys
-    loaded, meta = WelfordStats.load(path)
+    loaded, _meta = WelfordStats.load(path)
     assert loaded.names == stats.names and loaded.count == stats.count == 6
     for n in stats.names:
         assert torch.equal(loaded.mean[n], stats.mean[n]) and torch.equal(loaded.m2[n], stats.m2[n])
-    assert all(torch.equal(x[n], y[n]) for x, y in zip(draw_members(loaded, 2, 1.0, 0), draw_members(stats, 2, 1.0, 0)) for n in stats.names)
+    assert all(
+        torch.equal(x[n], y[n])
+        for x, y in zip(draw_members(loaded, 2, 1.0, 0), draw_members(stats, 2, 1.0, 0))
+        for n in stats.names
+    )
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PosthocError, match="not a readable safetensors file"):
         WelfordStats.load(tmp_path / "bad.safetensors")
@@ -141,15 +147,15 @@ def _boost(resnet_dir, image_data, out, **kw):
 
 
 def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", seed=3, include_mean=True)
-    _boost(resnet_dir, image_data, tmp_path / "b", seed=3, include_mean=True)
-    _boost(resnet_dir, image_data, tmp_path / "c", seed=4, include_mean=True)
-    read = lambda d, f: (tmp_path / d / f).read_bytes()  # noqa: E731
+    _boost(resnet_dir, image_data, tmp_path / "a", seed=3, members=3, include_mean=True)
+    _boost(resnet_dir, image_data, tmp_path / "b", seed=3, members=3, include_mean=True)
+    _boost(resnet_dir, image_data, tmp_path / "c", seed=4, members=3, include_mean=True)
+    read = lambda d, f: (tmp_path / d / f).read_bytes()
     for name in ("model.safetensors", "config.json", "README.md"):
         assert read("a", name) == read("b", name), name
     assert read("a", "model.safetensors") != read("c", "model.safetensors")
     config = json.loads(read("a", "config.json"))
-    measured = config["method"]["config"]["measured"]
+    measured = config["method"]["measured"]
     assert measured["steps"] == 7 and measured["snapshots"] == 7 and measured["mean_std"] > 0
     assert [m["name"] for m in config["members"]] == ["mean", "sample-0", "sample-1"]
     assert config["data"]["tuned_on"] == "val:select"
@@ -158,8 +164,8 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
 def test_bn_statistics_change_after_recalibration(tmp_path, resnet_dir, image_data):
     from posthoc.artifact import read
 
-    _boost(resnet_dir, image_data, tmp_path / "r", members=0, bn_batches=2, seed=1)
-    _boost(resnet_dir, image_data, tmp_path / "k", members=0, bn_batches=0, seed=1)
+    _boost(resnet_dir, image_data, tmp_path / "r", members=1, include_mean=True, bn_batches=2, seed=1)
+    _boost(resnet_dir, image_data, tmp_path / "k", members=1, include_mean=True, bn_batches=0, seed=1)
     recal, _ = read(tmp_path / "r")
     kept, _ = read(tmp_path / "k")
     assert recal.num_members == 1 and recal.member_names == ["mean"]
@@ -202,13 +208,13 @@ def test_saved_stats_redraw_without_finetuning(tmp_path, monkeypatch, resnet_dir
     monkeypatch.setattr(rs, "finetune_with_stats", no_finetune)
     _boost(resnet_dir, image_data, tmp_path / "b", stats=str(stats_file), seed=2)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
-    _boost(resnet_dir, image_data, tmp_path / "c", stats=str(stats_file), seed=9, members=0)
+    _boost(resnet_dir, image_data, tmp_path / "c", stats=str(stats_file), seed=9, members=1, include_mean=True)
     from posthoc.artifact import read
 
     mean_member = read(tmp_path / "c")[0].groups[0].member_state_dict(0)
     for n in stats.names:
         assert torch.equal(mean_member[n], stats.mean[n])
-    measured = json.loads((tmp_path / "c" / "config.json").read_text())["method"]["config"]["measured"]
+    measured = json.loads((tmp_path / "c" / "config.json").read_text())["method"]["measured"]
     assert measured["stats_from"] == str(stats_file) and measured["finetune"]["seed"] == 2
 
 
@@ -222,7 +228,7 @@ def test_stats_of_another_model_are_refused(tmp_path, resnet_dir, image_data):
 
 
 def test_fractional_epochs_burn_in_and_every(tmp_path, resnet_dir, image_data):
-    s = _boost(resnet_dir, image_data, tmp_path / "a", epochs=1.5, burn_in=2, every=3, members=0)
+    s = _boost(resnet_dir, image_data, tmp_path / "a", epochs=1.5, burn_in=2, every=3, members=1, include_mean=True)
     assert s["notes"]["steps"] == 10 and s["notes"]["snapshots"] == (10 - 2) // 3 and s["members"] == 1
     with pytest.raises(PosthocError, match="leave no snapshot"):
         _boost(resnet_dir, image_data, tmp_path / "b", epochs=0.5, burn_in=4)
@@ -236,28 +242,71 @@ def test_parent_is_left_untouched(image_data):
     dc = resolve_data_config(parent)
 
     def train_loader(batch_size, shuffle, seed, augment, subset):
-        return make_loader(image_folder(image_data, "train", train_transform(dc, augment)), batch_size, shuffle=shuffle, seed=seed, workers=0, drop_last=shuffle)
+        return make_loader(
+            image_folder(image_data, "train", train_transform(dc, augment)),
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            workers=0,
+            drop_last=shuffle,
+        )
 
-    ctx = BoostContext(parents=[parent], parent_specs=["tiny"], data_config=dc, device=torch.device("cpu"),
-                       make_train_loader=train_loader, make_select_loader=None, train_size=120, select_size=0,
-                       log=lambda m: None, show_progress=False)
+    ctx = BoostContext(
+        parents=[parent],
+        parent_specs=["tiny"],
+        data_config=dc,
+        device=torch.device("cpu"),
+        make_train_loader=train_loader,
+        make_select_loader=None,
+        train_size=120,
+        select_size=0,
+        log=lambda m: None,
+        show_progress=False,
+    )
     ensemble = Resample(members=2, include_mean=False, batch_size=32, bn_batches=1).build(ctx)
     assert all(torch.equal(before[k], v) for k, v in parent.state_dict().items())
     member = ensemble.members()[0]
     assert not torch.equal(member.state_dict()["fc.weight"], before["fc.weight"])
-    assert set(trainable_parameters(member)) <= set(ensemble.groups[0].stacked)
+    assert set(trainable_parameters(member)) <= set(ensemble.groups[0].member_tensors)
 
 
 def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
     out = tmp_path / "r"
-    code = main(["boost", str(resnet_dir), "--method", "resample", "--data", str(image_data), "--out", str(out),
-                 "--workers", "0", "--no-progress", "--epochs", "0.5", "--batch-size", "16", "--lr", "0.02",
-                 "--members", "2", "--include-mean", "--scale", "0.5", "--bn-batches", "1", "--stats-dtype", "float64"])
+    code = main(
+        [
+            "boost",
+            str(resnet_dir),
+            "--method",
+            "resample",
+            "--data",
+            str(image_data),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--no-progress",
+            "--epochs",
+            "0.5",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.02",
+            "--members",
+            "3",
+            "--include-mean",
+            "--std-scale",
+            "0.5",
+            "--bn-batches",
+            "1",
+            "--stats-dtype",
+            "float64",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     cfg = config["method"]["config"]
-    assert cfg["epochs"] == 0.5 and cfg["lr"] == 0.02 and cfg["scale"] == 0.5 and cfg["include_mean"]
-    assert cfg["stats_dtype"] == "float64" and cfg["measured"]["steps"] == 4
+    assert cfg["epochs"] == 0.5 and cfg["lr"] == 0.02 and cfg["std_scale"] == 0.5 and cfg["include_mean"]
+    assert cfg["stats_dtype"] == "float64" and config["method"]["measured"]["steps"] == 4
     assert [m["name"] for m in config["members"]] == ["mean", "sample-0", "sample-1"]
     loaded = load_model(str(out))
     with torch.no_grad():
@@ -270,19 +319,47 @@ def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--lr", "-1"], "--lr must be positive"),
-        (["--epochs", "0"], "--epochs must be positive"),
-        (["--momentum", "1"], "--momentum must be in [0, 1)"),
-        (["--members", "-2"], "--members must be 0"),
-        (["--scale", "0"], "--scale must be positive"),
-        (["--every", "0"], "--every must be at least 1"),
-        (["--stats-dtype", "float16"], "--stats-dtype must be float32 or float64"),
+        (["--lr", "-1"], "--lr must be > 0, got -1"),
+        (["--epochs", "0"], "--epochs must be > 0, got 0"),
+        (["--momentum", "1"], "--momentum must be < 1, got 1"),
+        (["--members", "-2"], "--members must be >= 1, got -2"),
+        (["--std-scale", "0"], "--std-scale must be > 0, got 0"),
+        (["--every", "0"], "--every must be >= 1, got 0"),
+        (["--stats-dtype", "float16"], "'float16' is not one of 'float32', 'float64'"),
         (["--save-stats", "stats.pt"], "--save-stats must name a .safetensors file"),
         (["--stats", "missing.safetensors"], "does not exist; write one with --save-stats"),
-        (["--augment", "heavy"], "--augment must be light, timm or none"),
+        (["--augment", "heavy"], "'heavy' is not one of 'light', 'timm', 'none'"),
     ],
 )
 def test_cli_boost_flag_errors(tmp_path, capsys, resnet_dir, image_data, flags, message):
-    code = main(["boost", str(resnet_dir), "--method", "resample", "--data", str(image_data), "--out", str(tmp_path / "x"), *flags])
+    code = main(
+        ["boost", str(resnet_dir), "--method", "resample", "--data", str(image_data), "--out", str(tmp_path / "x"), *flags]
+    )
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_old_members_zero_and_scale_still_work_with_deprecation_lines(tmp_path, capsys, resnet_dir, image_data):
+    args = [
+        "boost",
+        str(resnet_dir),
+        "--method",
+        "resample",
+        "--data",
+        str(image_data),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--epochs",
+        "0.5",
+        "--batch-size",
+        "16",
+        "--bn-batches",
+        "1",
+    ]
+    assert main([*args, "--out", str(tmp_path / "old"), "--members", "0", "--scale", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--members 0 is deprecated" in err and "--members 1 --include-mean" in err and "use --std-scale 2" in err
+    assert main([*args, "--out", str(tmp_path / "new"), "--members", "1", "--include-mean", "--std-scale", "2"]) == 0
+    old, new = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("old", "new"))
+    assert old == new

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from posthoc import PosthocError, load_model
-from posthoc.sources import build_from_timm_config, timm_config
+from posthoc.timm_io import build_from_timm_config, timm_config
 
 from .helpers import fill_hf_cache, save_hub_layout, tiny_model
 
@@ -154,7 +154,9 @@ def test_corrupt_weights_file(tmp_path, damage):
 
 def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     save_file(tiny_model("test_vit").state_dict(), tmp_path / "vit.safetensors")
-    with pytest.raises(PosthocError, match=r"do not fit architecture 'test_resnet': .*missing conv1\.0\.weight.*unexpected blocks"):
+    with pytest.raises(
+        PosthocError, match=r"do not fit architecture 'test_resnet': .*missing conv1\.0\.weight.*unexpected blocks"
+    ):
         load_model(str(tmp_path / "vit.safetensors"), arch="test_resnet")
 
 

@@ -15,8 +15,11 @@ from posthoc import PosthocError
 from posthoc.artifact import read
 from posthoc.boost import boost
 from posthoc.cli import main
-from posthoc.methods.lastlayer import Cut, Retrainer, fit_temperature, layer_units
+from posthoc.graph import Cut
+from posthoc.methods._layerwise import Retrainer
 from posthoc.methods.supernet import coupling_init
+from posthoc.metrics import fit_temperature
+from posthoc.timm_io import last_layers as layer_units
 
 from .helpers import save_hub_layout, tiny_model
 
@@ -41,15 +44,15 @@ def _logits(models, x=X):
 
 
 # ------------------------------------------------------------------------------------ coupling init
-def test_coupling_init_with_scale_k_is_exactly_logit_averaging():
+def test_coupling_init_with_divisor_k_is_exactly_logit_averaging():
     models = [tiny_model("test_resnet", seed=s) for s in range(3)]
-    weight, bias = coupling_init([m.get_classifier() for m in models], scale=3)
+    weight, bias = coupling_init([m.get_classifier() for m in models], divisor=3)
     with torch.no_grad():
         feats = [m.forward_head(m.forward_features(X), pre_logits=True) for m in models]
         coupled = torch.cat(feats, dim=1) @ weight.T + bias
     assert (coupled - _logits(models).mean(0)).abs().max() <= 1e-5
-    # scale 1 is the thesis's "copied, not scaled": the sum of the member logits (plus the mean bias)
-    w1, _ = coupling_init([m.get_classifier() for m in models], scale=1)
+    # divisor 1 is the thesis's "copied, not scaled": the sum of the member logits (plus the mean bias)
+    w1, _ = coupling_init([m.get_classifier() for m in models], divisor=1)
     assert torch.allclose(w1, 3 * weight)
 
 
@@ -62,8 +65,8 @@ def test_untrained_supernet_artifact_equals_logit_mean_of_parents(tmp_path, pare
         assert (loaded(X) - _logits(parents).mean(0).softmax(-1)).abs().max() <= 1e-5
     cfg = json.loads((tmp_path / "sn" / "config.json").read_text())
     assert cfg["combine"]["rule"] == "coupling"
-    measured = cfg["method"]["config"]["measured"]
-    assert measured["coupling"]["scale"] == 3.0 and measured["coupling"]["best_epoch"] == 0
+    measured = cfg["method"]["measured"]
+    assert measured["coupling"]["divisor"] == 3.0 and measured["coupling"]["best_epoch"] == 0
 
 
 def test_coupling_columns_follow_member_order_across_architectures(tmp_path, parent_dirs, image_data):
@@ -80,7 +83,7 @@ def test_coupling_columns_follow_member_order_across_architectures(tmp_path, par
 def test_trained_coupling_is_kept_only_if_it_improves_select_nll(tmp_path, parent_dirs, image_data):
     _boost(parent_dirs[:2], "supernet", image_data, tmp_path / "sn", coupling_epochs=4, batch_size=16, coupling_lr=0.01)
     cfg = json.loads((tmp_path / "sn" / "config.json").read_text())
-    measured = cfg["method"]["config"]["measured"]
+    measured = cfg["method"]["measured"]
     history = measured["coupling"]["select"]
     best = measured["coupling"]["best_epoch"]
     # with temperature scaling on, epochs are compared after fitting each its own temperature
@@ -96,7 +99,7 @@ def test_trained_coupling_is_kept_only_if_it_improves_select_nll(tmp_path, paren
 # ------------------------------------------------------------------------------------ frozen parts
 @pytest.mark.parametrize("bn", ["eval", "train"])
 def test_frozen_parts_stay_frozen(tmp_path, parent_dirs, image_data, bn):
-    _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "ll", retrain_layers=2, bn=bn, **FAST)
+    _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "ll", last_layers=2, bn=bn, **FAST)
     ens, _ = read(tmp_path / "ll")
     before = posthoc.load_model(str(parent_dirs[0])).state_dict()
     after = ens.members()[0].state_dict()
@@ -113,11 +116,11 @@ def test_frozen_parts_stay_frozen(tmp_path, parent_dirs, image_data, bn):
 
 def test_copies_of_one_parent_share_the_trunk_and_differ_in_retrained_layers(tmp_path, parent_dirs, image_data):
     _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "sn", copies=3, bootstrap=True, **FAST_SN)
-    ens, cfg = read(tmp_path / "sn")
+    ens, _cfg = read(tmp_path / "sn")
     group = ens.groups[0]
     assert group.member_names == ["p0/0", "p0/1", "p0/2"]
-    assert group.stacked and all(n.startswith(("layer4.", "fc.")) for n in group.stacked)
-    w = group.stacked["layer4.0.conv1.weight"]
+    assert group.member_tensors and all(n.startswith(("layer4.", "fc.")) for n in group.member_tensors)
+    w = group.member_tensors["layer4.0.conv1.weight"]
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
     parent = posthoc.load_model(str(parent_dirs[0])).state_dict()
     assert all(torch.equal(t, parent[n]) for n, t in group.shared.items() if not n.startswith(("layer4.", "fc.")))
@@ -127,7 +130,7 @@ def test_copies_of_one_parent_share_the_trunk_and_differ_in_retrained_layers(tmp
 # ------------------------------------------------------------------------------------ feature cache
 @pytest.mark.parametrize("layers", [1, 2])
 def test_feature_cache_trains_the_same_layers_as_streaming(tmp_path, parent_dirs, image_data, layers):
-    common = dict(retrain_layers=layers, seed=3, cache_augment="none", augment="none", **FAST)
+    common = dict(last_layers=layers, seed=3, cache_augment="none", augment="none", **FAST)
     _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "cached", feature_cache=True, **common)
     _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "streamed", feature_cache=False, **common)
     cached, streamed = (read(tmp_path / d)[0].members()[0].state_dict() for d in ("cached", "streamed"))
@@ -187,7 +190,9 @@ def test_training_never_reads_report_images(tmp_path, monkeypatch, parent_dirs, 
     from posthoc.data import image_folder
 
     val = image_folder(image_data, "val")
-    report = {Path(val.samples[i][0]).name + Path(val.samples[i][0]).parent.name for i in image_folder(image_data, "val:report").indices}
+    report = {
+        Path(val.samples[i][0]).name + Path(val.samples[i][0]).parent.name for i in image_folder(image_data, "val:report").indices
+    }
     seen = []
     original = DatasetFolder.__getitem__
 
@@ -203,32 +208,69 @@ def test_training_never_reads_report_images(tmp_path, monkeypatch, parent_dirs, 
 
 def test_cli_supernet_from_several_checkpoints(tmp_path, capsys, parent_dirs, image_data):
     out = tmp_path / "sn"
-    code = main(["boost", *map(str, parent_dirs[:2]), "--method", "supernet", "--data", str(image_data), "--out", str(out),
-                 "--workers", "0", "--no-progress", "--scale", "4", "--l2", "0.001", "--coupling-epochs", "1",
-                 "--no-temperature-scaling"])
+    code = main(
+        [
+            "boost",
+            *map(str, parent_dirs[:2]),
+            "--method",
+            "supernet",
+            "--data",
+            str(image_data),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--no-progress",
+            "--coupling-divisor",
+            "4",
+            "--l2",
+            "0.001",
+            "--coupling-epochs",
+            "1",
+            "--no-temperature-scaling",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["method"]["config"]["scale"] == 4.0 and cfg["method"]["config"]["l2"] == 0.001
-    assert cfg["num_members"] == 2 and cfg["combine"] == {"rule": "coupling", "temperature": 1.0, "include_parent": False}
+    assert cfg["method"]["config"]["coupling_divisor"] == 4.0 and cfg["method"]["config"]["l2"] == 0.001
+    assert cfg["num_members"] == 2 and cfg["combine"] == {"rule": "coupling", "temperature": 1.0}
+    assert cfg["method"]["include_parent"] is False
     assert main(["methods", "supernet"]) == 0
-    assert "--retrain-layers" in capsys.readouterr().out
+    assert "--last-layers" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "method, flags, message",
     [
-        ("supernet", ["--copies", "3", "--retrain-layers", "1"], "use --retrain-layers 2 or more"),
-        ("supernet", ["--retrain-layers", "1"], "or --copies 1"),
-        ("supernet", ["--coupling-optimizer", "rmsprop"], "--coupling-optimizer must be adam or sgd"),
-        ("supernet", ["--scale", "0"], "--scale must be positive"),
-        ("lastlayer", ["--retrain-layers", "0"], "--retrain-layers must be at least 1"),
-        ("lastlayer", ["--bn", "frozen"], "--bn must be eval or train"),
+        ("supernet", ["--copies", "3", "--last-layers", "1"], "use --last-layers 2 or more"),
+        ("supernet", ["--last-layers", "1"], "or --copies 1"),
+        ("supernet", ["--retrain-layers", "1"], "--retrain-layers is deprecated"),
+        ("supernet", ["--coupling-optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),
+        ("supernet", ["--coupling-divisor", "0"], "--coupling-divisor must be > 0"),
+        ("supernet", ["--scale", "0"], "--scale is deprecated and goes away in the next release; use --coupling-divisor"),
+        ("lastlayer", ["--last-layers", "0"], "--last-layers must be >= 1"),
+        ("lastlayer", ["--last-layers", "9"], "--last-layers 9 is more than this model has"),
+        ("lastlayer", ["--bn", "frozen"], "'frozen' is not one of 'eval', 'train'"),
         ("lastlayer", ["--no-feature-cache", "--bootstrap"], "--bootstrap needs the feature cache"),
     ],
 )
 def test_cli_flag_errors(tmp_path, capsys, parent_dirs, image_data, method, flags, message):
-    code = main(["boost", str(parent_dirs[0]), "--method", method, "--data", str(image_data), "--out", str(tmp_path / "x"),
-                 "--workers", "0", "--no-progress", *flags])
+    code = main(
+        [
+            "boost",
+            str(parent_dirs[0]),
+            "--method",
+            method,
+            "--data",
+            str(image_data),
+            "--out",
+            str(tmp_path / "x"),
+            "--workers",
+            "0",
+            "--no-progress",
+            *flags,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()

@@ -1,17 +1,17 @@
 """Post-training ensembling methods, one module each, registered by name.
 
-========== ============================================================================== ==========
-name       what it does                                                                    module
-========== ============================================================================== ==========
-noisy      sparse Gaussian mutations at a target KL, top-K by validation (no training)    noisy.py
-lastlayer  retrain the classifier, then earlier blocks one at a time (one network)        lastlayer.py
-supernet   one trained linear layer over members' concatenated features (SuperNet)        supernet.py
-resample   ~1 epoch constant-rate SGD, Welford mean/std per weight: mean model or draws   resample.py
-========== ============================================================================== ==========
+Each method is one file named after it (``noisy.py``, ``resample.py``, ``lastlayer.py``, ``supernet.py``,
+...) holding its ``Config`` and a ``build(ctx)`` behind :class:`~posthoc.methods.base.Method`; shared
+machinery lives apart (``base.py``: the interface and declared options; ``_layerwise.py``: last-layers
+retraining). ``posthoc methods`` lists them with their one-line summaries. A method's model-card text is
+the title and first paragraph of its module docstring.
 """
 
 from __future__ import annotations
 
+import inspect
+
+from ..card import register_method_text
 from ..errors import PosthocError
 from .base import BoostContext, Method, MethodConfig, make_config, option
 
@@ -21,9 +21,10 @@ _REGISTRY: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available to ``posthoc boost --method NAME``."""
     _REGISTRY[cls.name] = cls
-    from ..card import register_method_text
-
-    register_method_text(cls.name, cls.card_text or cls.summary)
+    title, _, body = (inspect.getmodule(cls).__doc__ or cls.summary).strip().partition("\n\n")
+    first = body.split("\n\n")[0]
+    text = " ".join(f"{title.split(': ', 1)[-1]} {first}".split()).replace("``", "`")
+    register_method_text(cls.name, text[:1].upper() + text[1:])
     return cls
 
 
@@ -40,8 +41,6 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import noisy  # noqa: E402,F401  (registers itself)
-from . import lastlayer, supernet  # noqa: E402,F401  (register themselves)
-from . import resample  # noqa: E402,F401  (registers itself)
+from . import lastlayer, noisy, resample, supernet  # noqa: E402,F401  (they register themselves)
 
 __all__ = ["BoostContext", "Method", "MethodConfig", "get_method", "list_methods", "make_config", "option", "register"]

@@ -1,33 +1,20 @@
 """``noisy``: Noisy Subnetwork Ensembles (Whitaker 2023, ch. 4), no training at all.
 
 Children are sparse Gaussian mutations of the parent, ``W + N * M`` with a Bernoulli mask ``M`` of
-density ``density`` and ``N ~ N(0, sigma^2)`` per tensor (eq. 4.1-4.3). One draw of ``(M, N)`` gives
-four children, ``W +/- N*M`` and ``W +/- N*(1-M)`` (mirrored and partitioned draws, eq. 4.6-4.11).
+density ``density`` and ``N ~ N(0, sigma^2)`` per tensor (eq. 4.1-4.3); one draw of ``(M, N)`` gives
+four children, ``W +/- N*M`` and ``W +/- N*(1-M)`` (mirrored and partitioned draws, eq. 4.6-4.11). The
+best children on the select part are kept.
 
-Choices where the thesis is silent or inconsistent, and ours:
+Choices where the thesis is silent or inconsistent:
 
-- Noise scale: the thesis grid-searches sigma for a target KL(parent || child) on a 1,000-image
-  holdout. We bisect on log sigma with common random numbers (the same unit draws at every sigma, so the
-  measured KL is a smooth, monotone function of sigma), caching the parent's outputs; the search costs
-  only child forward passes. The KL is the mean over the two partition children of the search draw.
-- ``density`` is the fraction of weights perturbed (the thesis's rho is used both ways).
-- Which tensors: conv and linear weights ("every layer's weight matrix"); biases and norm parameters
-  are options.
-- Combination: softmax-then-mean (the thesis's stated rule, §3.2.5); its pseudo-code also includes the
-  parent, which is ``include_parent`` here.
-- BatchNorm: the thesis mutates weights only and keeps the parent's statistics; a mutation shifts the
-  activations, so ``bn_recalibrate`` re-estimates each child's statistics (in the mutated scope) on
-  training images, a forward pass with no training.
-
-Defaults measured on CIFAR-10 / ResNet-18 (``benchmarks/noisy_sweep.py``; children selected on 1,000
-select images, ensembles scored on the other 1,000, several seeds; report data never read):
-``target_kl`` 0.05 (the thesis's 0.02 lost top-1 without BN recalibration; 0.1 and 0.2 cost member
-accuracy), ``bn_recalibrate`` on (KL 0.05: top-1 -0.30 -> +0.25, NLL -0.004 -> -0.008 vs the parent),
-``include_parent`` on (equal top-1, lower NLL and ECE at KL >= 0.05).
-- ``scope``: mutate only the last N blocks (timm's own block grouping, ``group_matcher``) and the
-  classifier, so the artifact shares and computes the trunk once.
-- Child evaluation runs only the part of the network downstream of the first mutated tensor, on cached
-  activations of the shared prefix.
+- sigma is bisected on log sigma to hit a target KL(parent || child) with common random numbers,
+  where the thesis grid-searches it; ``density`` is the fraction of weights perturbed;
+- conv and linear weights are mutated (biases and norms are options), only in the last
+  ``--last-layers`` layers when given, so the artifact shares and computes the trunk once;
+- softmax-then-mean combination (the thesis's stated rule); its pseudo-code's parent member is
+  ``--include-parent``;
+- each child's BatchNorm statistics in the mutated scope are re-estimated on training images
+  (``--bn-recalibrate``), which the thesis does not do.
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,58 +30,66 @@ from torch.func import functional_call
 
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
-from ..fused import FeaturesAndLogits, split_shared_prefix
-from ..runtime import progress
-from ..sources import timm_config
-from ..training import collect_inputs, has_batchnorm, recalibrate_bn
+from ..graph import FeaturesAndLogits, split_shared_prefix
+from ..runtime import progress, seeded_generator
+from ..timm_io import last_layers, timm_config
+from ..training import ImageBatches, has_batchnorm, materialize, recalibrate_bn
 from . import register
-from .base import BoostContext, Method, MethodConfig, option
-
-FITNESS = ("accuracy", "nll")
+from .base import BoostContext, Method, MethodConfig, Renamed, option
 
 
 @dataclass
 class NoisyConfig(MethodConfig):
-    members: int = option(8, "Children kept in the ensemble (top-K of the population).")
-    population: int = option(16, "Children generated and scored; a multiple of 4 uses whole mirrored/partitioned draws.")
-    density: float = option(0.5, "Fraction of each tensor's weights perturbed (mask density).")
-    target_kl: float = option(0.05, "Target mean KL(parent || child) on the KL samples; sigma is searched to hit it.")
-    sigma: float | None = option(None, "Fixed noise scale instead of the KL search.")
-    noise: str = option("absolute", "absolute (sigma is the std) or relative (sigma times each tensor's weight std).")
-    kl_samples: int = option(1000, "Validation (select) images used for the sigma search.")
-    kl_tolerance: float = option(0.05, "Relative tolerance of the KL search.")
-    fitness: str = option("accuracy", "Selection score on the select split: accuracy (ties by NLL) or nll.")
-    include_parent: bool = option(True, "Add the unmodified parent as a member.")
+    renamed: ClassVar[dict[str, Renamed]] = {
+        "scope": Renamed("last_layers", lambda v: None if v is None else v + 1, "the classifier counts as layer 1")
+    }
+
+    members: int = option(
+        9, "Members of the artifact: the best children of the population, plus the parent with --include-parent.", ge=1
+    )
+    population: int = option(16, "Children generated and scored; a multiple of 4 uses whole mirrored/partitioned draws.", ge=1)
+    density: float = option(0.5, "Fraction of each tensor's weights perturbed (mask density).", gt=0, le=1)
+    target_kl: float = option(0.05, "Target mean KL(parent || child) on the KL samples; sigma is searched to hit it.", gt=0)
+    sigma: float | None = option(None, "Fixed noise scale instead of the KL search.", gt=0)
+    noise: str = option(
+        "absolute",
+        "absolute (sigma is the std) or relative (sigma times each tensor's weight std).",
+        choices=("absolute", "relative"),
+    )
+    kl_samples: int = option(1000, "Validation (select) images used for the sigma search.", ge=1)
+    kl_tolerance: float = option(0.05, "Relative tolerance of the KL search.", gt=0)
+    fitness: str = option(
+        "accuracy", "Selection score on the select split: accuracy (ties by NLL) or nll.", choices=("accuracy", "nll")
+    )
+    include_parent: bool = option(True, "Make the unmodified parent one of the members.")
     antithetic: bool = option(True, "Mirrored + partitioned draws: 4 children per (M, N) draw.")
     mutate_biases: bool = option(False, "Also perturb biases.")
     mutate_norm: bool = option(False, "Also perturb normalization weights and biases.")
-    scope: int | None = option(None, "Mutate only the last N blocks and the classifier (default: all).")
+    last_layers: int | None = option(
+        None, "Mutate only the last N layers: 1 = the classifier, 2 = also the last block, ... (default: all).", ge=1
+    )
     bn_recalibrate: bool = option(True, "Re-estimate BatchNorm statistics of each child on training images.")
-    bn_batches: int = option(32, "Training batches (of 128) for --bn-recalibrate.")
+    bn_batches: int = option(32, "Training batches (of 128) for --bn-recalibrate.", ge=1)
+
+    @property
+    def children(self) -> int:
+        """Children kept: every member but the parent."""
+        return self.members - int(self.include_parent)
 
     def validate(self) -> None:
-        if not 0 < self.density <= 1:
-            raise PosthocError(f"--density must be in (0, 1], got {self.density}")
-        if self.members < 1 or self.population < self.members:
-            raise PosthocError(f"need 1 <= --members <= --population, got {self.members} and {self.population}")
-        if self.noise not in ("absolute", "relative"):
-            raise PosthocError(f"--noise must be absolute or relative, got '{self.noise}'")
-        if self.fitness not in FITNESS:
-            raise PosthocError(f"--fitness must be accuracy or nll, got '{self.fitness}'")
-        if self.target_kl <= 0:
-            raise PosthocError(f"--target-kl must be positive, got {self.target_kl}")
-        if self.sigma is not None and self.sigma <= 0:
-            raise PosthocError(f"--sigma must be positive, got {self.sigma}")
-        if self.scope is not None and self.scope < 0:
-            raise PosthocError(f"--scope must be 0 or more blocks, got {self.scope}")
+        if self.children < 1 or self.population < self.children:
+            raise PosthocError(
+                f"--members {self.members} keeps {self.children} children (the parent is a member too with --include-parent), "
+                f"which must be between 1 and --population {self.population}"
+            )
 
 
 # ------------------------------------------------------------------------------------ mutation
-def mutable_tensors(model: nn.Module, biases: bool = False, norm: bool = False, scope: int | None = None) -> list[str]:
+def mutable_tensors(model: nn.Module, biases: bool = False, norm: bool = False, layers: int | None = None) -> list[str]:
     """Names of the tensors a child perturbs, in the model's order.
 
-    Conv and linear weights always; biases and normalization parameters when asked. ``scope`` keeps
-    only the last ``scope`` blocks and the classifier, using timm's ``group_matcher`` block grouping.
+    Conv and linear weights always; biases and normalization parameters when asked. ``layers`` keeps
+    only the last ``layers`` layers (:func:`posthoc.timm_io.last_layers`: 1 = the classifier).
     """
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
     names = []
@@ -106,24 +101,12 @@ def mutable_tensors(model: nn.Module, biases: bool = False, norm: bool = False, 
                 names.append(prefix + "bias")
         elif norm and isinstance(module, norm_types):
             names += [prefix + n for n, p in module.named_parameters(recurse=False) if p is not None]
-    if scope is not None:
-        allowed = set(_last_blocks(model, scope))
+    if layers is not None:
+        allowed = {name for group in last_layers(model, layers) for name in group}
         names = [n for n in names if n in allowed]
     if not names:
-        raise PosthocError("no tensors to mutate in the chosen --scope; widen the scope or mutate biases/norms")
+        raise PosthocError("no tensors to mutate in the chosen --last-layers; widen it or mutate biases/norms")
     return names
-
-
-def _last_blocks(model: nn.Module, n: int) -> list[str]:
-    """Parameter names in the classifier and the last ``n`` blocks (timm's block grouping)."""
-    from timm.models._manipulate import group_parameters
-
-    if not hasattr(model, "group_matcher"):
-        raise PosthocError(f"{type(model).__name__} does not describe its blocks (no group_matcher); drop --scope")
-    groups = list(group_parameters(model, model.group_matcher(coarse=False)).values())
-    head, blocks = groups[-1], groups[1:-1]
-    chosen = [name for g in blocks[len(blocks) - n:] for name in g] if n > 0 else []
-    return chosen + list(head)
 
 
 @dataclass(frozen=True)
@@ -162,7 +145,7 @@ class Mutator:
         """(Z, M) per tensor for draw ``draw``: Z ~ N(0, 1), M ~ Bernoulli(density), seeded by (seed, draw)."""
         if self._cache is not None and self._cache[0] == draw:
             return self._cache[1]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        gen = seeded_generator(self.seed, draw)
         out = {}
         for name, w in self.base.items():
             z = torch.randn(w.shape, generator=gen, dtype=torch.float32)
@@ -186,7 +169,9 @@ class Mutator:
 class ChildScorer:
     """Scores children on cached data, running only the part downstream of the mutated tensors."""
 
-    def __init__(self, parent: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 500):
+    def __init__(
+        self, parent: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 500
+    ):
         self.net = FeaturesAndLogits(parent).eval()
         prefix, suffix, outputs, nb = split_shared_prefix(self.net, {f"model.{n}" for n in names})
         self.y = y
@@ -201,7 +186,7 @@ class ChildScorer:
                 self.inputs = [(xb.to(device),) for xb in x.split(batch)]
         self.parent_logits = self.logits({})
 
-    def head(self, n: int) -> "ChildScorer":
+    def head(self, n: int) -> ChildScorer:
         """A scorer over the first ``n`` cached images, sharing this one's trace and prefix activations."""
         other = copy.copy(self)
         other.inputs, left = [], n
@@ -209,7 +194,7 @@ class ChildScorer:
             if left <= 0:
                 break
             b = args[0].shape[0]
-            cut = lambda a: a[:left] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == b else a  # noqa: E731
+            cut = lambda a: a[:left] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == b else a
             other.inputs.append(tuple(cut(a) for a in args) if b > left else args)
             left -= b
         other.y, other.parent_logits = self.y[:n], self.parent_logits[:n]
@@ -234,7 +219,7 @@ def kl_to_parent(parent_logits: torch.Tensor, child_logits: torch.Tensor) -> flo
 
 
 def search_sigma(
-    kl_at: "callable", target: float, start: float, tolerance: float = 0.05, max_steps: int = 40
+    kl_at: callable, target: float, start: float, tolerance: float = 0.05, max_steps: int = 40
 ) -> tuple[float, float, list[tuple[float, float]]]:
     """Find sigma with ``kl_at(sigma)`` within ``tolerance`` (relative) of ``target``.
 
@@ -281,21 +266,15 @@ class Noisy(Method):
     name = "noisy"
     Config = NoisyConfig
     summary = "Sparse Gaussian mutations of the parent at a target KL, top-K children by validation; no training."
-    card_text = (
-        "Noisy Subnetwork Ensemble (Whitaker 2023, ch. 4): children are sparse Gaussian mutations W + N*M of "
-        "the parent (mirrored and partitioned draws), the noise scale is searched to hit a target "
-        "KL(parent || child) on validation images, and the best children on the validation (select) split "
-        "are kept. No training."
-    )
 
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: NoisyConfig = self.config
         parent = ctx.parent.eval()
-        names = mutable_tensors(parent, cfg.mutate_biases, cfg.mutate_norm, cfg.scope)
+        names = mutable_tensors(parent, cfg.mutate_biases, cfg.mutate_norm, cfg.last_layers)
         ctx.note("mutated_tensors", len(names))
         ctx.note("mutated_elements", int(sum(parent.get_parameter(n).numel() for n in names)))
         mutator = Mutator(parent, names, cfg.density, cfg.noise, cfg.seed)
-        x, y = collect_inputs(ctx.select_loader(256))
+        x, y = materialize(ctx.select_loader(256))
         kl_n = min(cfg.kl_samples, len(y))
         # the sigma search uses the first kl_samples select images; selection scores all of them
         scorer = ChildScorer(parent, names, x, y, ctx.device)
@@ -320,19 +299,19 @@ class Noisy(Method):
 
         bn_loader = None
         if cfg.bn_recalibrate and has_batchnorm(parent):
-            bn_loader = list(_take(ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches))
+            bn_loader = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
         scored = []
         for spec in progress(population_plan(cfg.population, cfg.antithetic), description="children", enabled=ctx.show_progress):
             tensors = mutator.child(spec, sigma)
-            buffers = self._recalibrated_buffers(parent, tensors, names, bn_loader, ctx.device) if bn_loader else {}
+            buffers = self._recalibrated_buffers(parent, tensors, names, bn_loader, ctx.device) if bn_loader is not None else {}
             logits = scorer.logits(tensors, buffers)
             acc = float((logits.argmax(-1) == y).float().mean())
             nll = float(torch.nn.functional.cross_entropy(logits, y))
             key = (-acc, nll) if cfg.fitness == "accuracy" else (nll, -acc)
             scored.append((key, spec, buffers, acc, nll))
         scored.sort(key=lambda t: t[0])
-        chosen = scored[: cfg.members]
-        ctx.note("population", [{"child": s.name, "top1": round(100 * a, 3), "nll": round(l, 5)} for _, s, _, a, l in scored])
+        chosen = scored[: cfg.children]
+        ctx.note("population", [{"child": s.name, "top1": round(100 * a, 3), "nll": round(nll, 5)} for _, s, _, a, nll in scored])
         ctx.note("selected", [s.name for _, s, *_ in chosen])
 
         base = {k: v.detach() for k, v in parent.state_dict().items()}
@@ -346,8 +325,10 @@ class Noisy(Method):
             sd.update(buffers)
             state_dicts.append(sd)
             member_names.append(spec.name)
-        group = MemberGroup.from_state_dicts(timm_config(parent), [{k: v.cpu() for k, v in sd.items()} for sd in state_dicts], member_names)
-        return Ensemble(groups=[group], combine=Combine(rule="prob_mean", include_parent=cfg.include_parent))
+        group = MemberGroup.from_state_dicts(
+            timm_config(parent), [{k: v.cpu() for k, v in sd.items()} for sd in state_dicts], member_names
+        )
+        return Ensemble(groups=[group], combine=Combine(rule="prob_mean"))
 
     @staticmethod
     def _mean_kl(scorer: ChildScorer, mutator: Mutator, sigma: float, children=(Child(0, 1, False), Child(0, 1, True))) -> float:
@@ -371,10 +352,3 @@ class Noisy(Method):
                 out[f"{name}.running_mean"] = module.running_mean.detach().clone()
                 out[f"{name}.running_var"] = module.running_var.detach().clone()
         return out
-
-
-def _take(loader, n: int) -> Iterator:
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch

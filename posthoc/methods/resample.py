@@ -2,45 +2,17 @@
 
 The parent is fine-tuned for about one epoch with constant-rate SGD; after every optimizer step a
 Welford running mean and M2 of every trainable parameter are updated (paper eq. 2-3, the population
-variance M2 / n). The statistics then give either
+variance M2 / n). The statistics give the **mean model** (every parameter at its running mean: one
+network with no inference overhead, the paper's "mean-resampled" model) and networks **drawn**
+elementwise from N(mean, (std_scale * std)^2), averaged as probabilities. ``--members`` counts them
+all; ``--include-mean`` makes the mean model one of them.
 
-- the **mean model** (``--members 0``): every parameter set to its running mean, one network with no
-  inference overhead (the paper's "mean-resampled" model, an SWA-like average of the trajectory); or
-- a **Gaussian ensemble** (``--members K``): K networks drawn elementwise from N(mean, (scale*std)^2),
-  averaged as probabilities (softmax, then mean), optionally with the mean model as one more member.
-
-Choices where the paper is silent, and ours:
-
-- Which parameters: every trainable parameter (conv, linear, and norm weights and biases), as the
-  paper's "the parameters theta"; buffers are never averaged or sampled.
-- Accumulators: float32 by default, on the parameter's device, about 2x the parameters in memory;
-  ``--stats-dtype float64`` when the per-weight std is below ~1e-6 of the weight (tiny rates, very long
-  runs), where float32 rounding of the mean starts to show in the variance. Only post-update iterates
-  are recorded (the pre-trained weights are not a sample); ``--burn-in`` and ``--every`` thin the
-  trajectory (the paper: every step).
-- Loss: the batch *mean* of the cross-entropy (the paper writes a sum; its rates only make sense for a
-  mean). Constant learning rate, as in the paper; momentum and weight decay are options.
-- BatchNorm: the paper never mentions it. Averaged or sampled weights do not match the running
-  statistics of any iterate, so (as SWA and SWAG do) every output network gets its BatchNorm statistics
-  re-estimated on ``--bn-batches`` training batches (eval transform) with ``update_bn``'s cumulative
-  average. ``--bn-batches 0`` keeps the fine-tuned statistics (an ablation; it costs accuracy).
-- ``--include-mean`` (off by default): the paper keeps the mean model and the sampled ensemble apart.
-  On CIFAR-10 / ResNet-18 (val:select, six learning rates) adding the mean to 8 draws changed NLL by at
-  most 1e-4 and top-1 by at most 0.25 points, while costing a ninth member at build and inference time.
-- Defaults measured on CIFAR-10 / ResNet-18 (parent s0, ``val:select`` only, 2,000 images): plain SGD
-  (momentum 0; lr 0.005 with momentum 0.9 was no better than the same effective rate without) at lr 0.1:
-  mean-model / 8-draw NLL 0.5321 / 0.5318 and 0.5302 / 0.5300 over two data orders, against 0.5327 /
-  0.5326 and 0.5331 / 0.5330 at lr 0.05 and 0.5348 at 0.02 (parent 0.5495); lr 0.2 loses top-1.
-  As the paper reports, the averaged models tolerate rates at which the last fine-tuned iterate is
-  clearly worse than the parent (80.8% vs 81.75% top-1 at lr 0.1). No burn-in (50 steps changed
-  nothing). 16 BatchNorm batches: 4 to 64 gave the same NLL within 0.003.
-- What to expect: one epoch at a constant rate gives a per-weight std of ~1e-4, so the draws barely
-  differ from the mean (1.5% pairwise disagreement on CIFAR-10) and the K-draw ensemble is about the
-  mean model at K times the inference cost, as the paper found for 3 members. ``--scale`` 2-3 adds
-  diversity but costs member accuracy; ``--members 0`` is the cheap choice.
-- Statistics can be written with ``--save-stats FILE.safetensors`` (mean, M2, count; no pickles) and
-  re-used with ``--stats FILE.safetensors``, which skips fine-tuning: members are re-drawn (another
-  ``--seed``, ``--members``, ``--scale``) and BatchNorm is re-estimated against the same parent.
+Choices where the paper is silent: every trainable parameter is tracked (buffers never are); the loss
+is the batch *mean* cross-entropy (the paper writes a sum; its rates only make sense for a mean);
+only post-update iterates are recorded; and, as SWA and SWAG do, every output network gets its
+BatchNorm statistics re-estimated on training batches (``--bn-batches``), which the paper never
+mentions. ``--save-stats`` / ``--stats`` keep the statistics in a safetensors file and re-draw from
+them without fine-tuning again.
 """
 
 from __future__ import annotations
@@ -50,73 +22,77 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
-from ..runtime import progress
-from ..sources import timm_config
-from ..training import has_batchnorm, recalibrate_bn
+from ..runtime import progress, seeded_generator
+from ..timm_io import timm_config
+from ..training import ImageBatches, cycle, has_batchnorm, recalibrate_bn, train_steps
 from . import register
-from .base import BoostContext, Method, MethodConfig, Stopwatch, batches, option
+from .base import BoostContext, Method, MethodConfig, Renamed, Stopwatch, option
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-AUGMENTATIONS = ("light", "timm", "none")
 STATS_FORMAT = "posthoc-welford"
-BN_CACHE_BYTES = 1 << 30  # keep the BatchNorm batches in memory when they fit in 1 GiB
 
 
 @dataclass
 class ResampleConfig(MethodConfig):
-    epochs: float = option(1.0, "Fine-tune length in epochs over the training split (fractions allowed).")
-    lr: float = option(0.1, "Constant SGD learning rate of the fine-tune (batch-mean loss).")
-    momentum: float = option(0.0, "SGD momentum (0: plain SGD, the paper's eq. 1).")
-    weight_decay: float = option(0.0, "SGD weight decay during the fine-tune.")
-    batch_size: int = option(128, "Fine-tune batch size (the paper's 128).")
-    augment: str = option("light", "Fine-tune augmentation: light (pad-crop + flip), timm, or none.")
-    burn_in: int = option(0, "Optimizer steps before the statistics start recording.")
-    every: int = option(1, "Record the weights every N optimizer steps after the burn-in (the paper: 1).")
-    members: int = option(8, "Members drawn from N(mean, (scale*std)^2); 0 exports the mean model alone.")
-    scale: float = option(1.0, "Multiplier on the measured std when drawing members (the paper: 1).")
-    include_mean: bool = option(False, "With --members K > 0, also add the mean model as a member.")
-    stats_dtype: str = option("float32", "Dtype of the Welford accumulators: float32 or float64.")
-    bn_batches: int = option(16, "Training batches (of 128, eval transform) re-estimating each network's BatchNorm; 0 keeps the fine-tuned statistics.")
+    renamed: ClassVar[dict[str, Renamed]] = {"scale": Renamed("std_scale")}
+
+    epochs: float = option(1.0, "Fine-tune length in epochs over the training split (fractions allowed).", gt=0)
+    lr: float = option(0.1, "Constant SGD learning rate of the fine-tune (batch-mean loss).", gt=0)
+    momentum: float = option(0.0, "SGD momentum (0: plain SGD, the paper's eq. 1).", ge=0, lt=1)
+    weight_decay: float = option(0.0, "SGD weight decay during the fine-tune.", ge=0)
+    batch_size: int = option(128, "Fine-tune batch size (the paper's 128).", ge=1)
+    augment: str = option(
+        "light", "Fine-tune augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
+    )
+    burn_in: int = option(0, "Optimizer steps before the statistics start recording.", ge=0)
+    every: int = option(1, "Record the weights every N optimizer steps after the burn-in (the paper: 1).", ge=1)
+    members: int = option(
+        8,
+        "Members of the artifact: the mean model (with --include-mean) and networks drawn from N(mean, (std-scale*std)^2).",
+        ge=1,
+    )
+    include_mean: bool = option(
+        False, "Make the mean model one of the members (--members 1 --include-mean: the mean model alone)."
+    )
+    std_scale: float = option(1.0, "Multiplier on the measured std when drawing members (the paper: 1).", gt=0)
+    stats_dtype: str = option("float32", "Dtype of the Welford accumulators: float32 or float64.", choices=tuple(STATS_DTYPES))
+    bn_batches: int = option(
+        16,
+        "Training batches (of 128, eval transform) re-estimating each network's BatchNorm; 0 keeps the fine-tuned statistics.",
+        ge=0,
+    )
     save_stats: str | None = option(None, "Write the Welford statistics (mean, M2, count) to this .safetensors file.")
     stats: str | None = option(None, "Draw from statistics saved with --save-stats instead of fine-tuning (a .safetensors file).")
 
+    @property
+    def draws(self) -> int:
+        """Members drawn from the Gaussian: every member but the mean model."""
+        return self.members - int(self.include_mean)
+
+    @classmethod
+    def upgrade(cls, values: dict, warn) -> dict:
+        """``--members 0`` (the mean model alone, posthoc 0.1) is ``--members 1 --include-mean`` now."""
+        if values.get("members") == 0:
+            warn(
+                "--members 0 is deprecated and goes away in the next release; the mean model alone is --members 1 --include-mean"
+            )
+            values = {**values, "members": 1, "include_mean": True}
+        return values
+
     def validate(self) -> None:
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise PosthocError(f"--epochs must be positive, got {self.epochs}")
-        if not self.lr > 0:
-            raise PosthocError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise PosthocError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise PosthocError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if self.batch_size < 1:
-            raise PosthocError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.augment not in AUGMENTATIONS:
-            raise PosthocError(f"--augment must be light, timm or none, got '{self.augment}'")
-        if self.burn_in < 0:
-            raise PosthocError(f"--burn-in must be 0 or more steps, got {self.burn_in}")
-        if self.every < 1:
-            raise PosthocError(f"--every must be at least 1 step, got {self.every}")
-        if self.members < 0:
-            raise PosthocError(f"--members must be 0 (the mean model) or more, got {self.members}")
-        if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise PosthocError(f"--scale must be positive, got {self.scale}")
-        if self.stats_dtype not in STATS_DTYPES:
-            raise PosthocError(f"--stats-dtype must be float32 or float64, got '{self.stats_dtype}'")
-        if self.bn_batches < 0:
-            raise PosthocError(f"--bn-batches must be 0 or more, got {self.bn_batches}")
-        for flag, value in (("--save-stats", self.save_stats), ("--stats", self.stats)):
+        for flag_name, value in (("--save-stats", self.save_stats), ("--stats", self.stats)):
             if value is not None and not str(value).endswith(".safetensors"):
-                raise PosthocError(f"{flag} must name a .safetensors file, got '{value}'")
+                raise PosthocError(f"{flag_name} must name a .safetensors file, got '{value}'")
         if self.stats is not None and self.save_stats is not None:
             raise PosthocError("--stats re-uses saved statistics and --save-stats writes new ones; give one of them")
         if self.stats is not None and not Path(self.stats).is_file():
@@ -184,7 +160,9 @@ class WelfordStats:
             for kind, store in (("mean", self.mean), ("m2", self.m2)):
                 t = state[f"{kind}.{n}"]
                 if tuple(t.shape) != tuple(store[n].shape):
-                    raise PosthocError(f"saved {kind} of '{n}' has shape {tuple(t.shape)}, the model's is {tuple(store[n].shape)}")
+                    raise PosthocError(
+                        f"saved {kind} of '{n}' has shape {tuple(t.shape)}, the model's is {tuple(store[n].shape)}"
+                    )
                 store[n].copy_(t)
         self.count = int(state["count"])
 
@@ -194,8 +172,13 @@ class WelfordStats:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": STATS_FORMAT, "version": "1", "count": str(self.count), "dtype": str(self.dtype).removeprefix("torch."),
-                "names": json.dumps(self.names)}  # safetensors sorts its keys; this keeps the model's order
+        meta = {
+            "format": STATS_FORMAT,
+            "version": "1",
+            "count": str(self.count),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "names": json.dumps(self.names),
+        }  # safetensors sorts its keys; this keeps the model's order
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(self.state_dict(), str(tmp), metadata=dict(sorted(meta.items())))
@@ -203,7 +186,7 @@ class WelfordStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["WelfordStats", dict[str, str]]:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple[WelfordStats, dict[str, str]]:
         """Read a file written by :meth:`save`; returns the statistics and the stored metadata."""
         from safetensors import SafetensorError, safe_open
 
@@ -213,7 +196,7 @@ class WelfordStats:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         except (SafetensorError, OSError) as e:
             raise PosthocError(f"{path} is not a readable safetensors file ({e})") from None
         if meta.get("format") != STATS_FORMAT:
@@ -262,25 +245,24 @@ def finetune_with_stats(
     params = trainable_parameters(model)
     stats = WelfordStats(params, dtype)
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    model.train()
-    window = max(1, steps // 10)
-    pending: list[torch.Tensor] = []  # losses stay on the device; read once per window (no per-step sync)
-    losses: list[float] = []
-    for step, (x, y) in enumerate(progress(batches(loader, steps), total=steps, description="fine-tune", enabled=show_progress), 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        pending.append(loss.detach())
+
+    def record(step: int) -> None:
         if step > burn_in and (step - burn_in) % every == 0:
             stats.update(params)
-        if len(pending) == window or step == steps:
-            values = torch.stack(pending).float().cpu()
-            pending.clear()
-            if not torch.isfinite(values).all():
-                raise PosthocError(f"the fine-tune diverged by step {step} (loss {values[-1].item()}); lower --lr")
-            losses += values.tolist()
+
+    model.train()
+    window = max(1, steps // 10)
+    losses = train_steps(
+        model,
+        cycle(loader, steps),
+        opt,
+        steps=steps,
+        after_step=record,
+        device=torch.device(device),
+        window=window,
+        show_progress=show_progress,
+        description="fine-tune",
+    )
     model.eval()
     summary = {
         "steps": len(losses),
@@ -315,7 +297,7 @@ def iter_members(
     """:func:`draw_members` one member at a time (only one draw in memory)."""
     std = stats.std()
     for j in range(k):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        gen = seeded_generator(seed, j)
         member = {}
         for name, mean in stats.mean.items():
             z = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean.device, mean.dtype)
@@ -336,42 +318,12 @@ def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class _ImageBatches:
-    """The first ``n`` image batches of a loader, cached in memory when they fit, else re-read."""
-
-    def __init__(self, make_loader, n: int):
-        self.make_loader, self.n = make_loader, n
-        self.cache: list[torch.Tensor] | None = None
-        batches = self._read()
-        first = next(batches, None)
-        if first is None:
-            raise PosthocError("BatchNorm recalibration got no training images; check the training split")
-        if first.element_size() * first.numel() * n <= BN_CACHE_BYTES:
-            self.cache = [first, *batches]
-
-    def _read(self) -> Iterator[torch.Tensor]:
-        for i, batch in enumerate(self.make_loader()):
-            if i >= self.n:
-                break
-            yield batch[0] if isinstance(batch, (list, tuple)) else batch
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self.cache) if self.cache is not None else self._read()
-
-
 # ------------------------------------------------------------------------------------ the method
 @register
 class Resample(Method):
     name = "resample"
     Config = ResampleConfig
     summary = "Fine-tune ~1 epoch with constant-rate SGD, keep a Welford mean/std per weight; mean model or Gaussian draws."
-    card_text = (
-        "Weight-parameter resampling (Liu et al. 2018): the parent was fine-tuned for about one epoch with "
-        "constant-rate SGD while a running (Welford) mean and variance of every trainable parameter were "
-        "recorded after each step. Members are the mean model and/or networks drawn from the per-parameter "
-        "Gaussian N(mean, (scale*std)^2), averaged as probabilities. BatchNorm statistics are re-estimated for "
-        "each member on training images (unless built with --bn-batches 0); the config records every choice."
-    )
 
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: ResampleConfig = self.config
@@ -391,32 +343,48 @@ class Resample(Method):
             stats = self._finetune(ctx, cfg, model)
             ctx.log(f"fine-tuned in {clock.seconds:.0f} s")
             if cfg.save_stats is not None:
-                finetune = {k: getattr(cfg, k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "burn_in", "every", "seed")}
+                finetune = {
+                    k: getattr(cfg, k)
+                    for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "burn_in", "every", "seed")
+                }
                 finetune["parent"] = ctx.parent_specs[0]
-                stats.save(cfg.save_stats, {"architecture": arch.get("architecture", ""), "finetune": json.dumps(finetune, sort_keys=True)})
+                stats.save(
+                    cfg.save_stats,
+                    {"architecture": arch.get("architecture", ""), "finetune": json.dumps(finetune, sort_keys=True)},
+                )
                 ctx.log(f"wrote the statistics to {cfg.save_stats}")
-        if cfg.members > 0 and stats.count < 2:
-            raise PosthocError(f"drawing members needs at least 2 snapshots, the statistics hold {stats.count}; lower --burn-in or --every, or raise --epochs")
+        if cfg.draws > 0 and stats.count < 2:
+            raise PosthocError(
+                f"drawing members needs at least 2 snapshots, the statistics hold {stats.count}; lower --burn-in or --every, or raise --epochs"
+            )
 
         std = stats.std()
         numel = sum(t.numel() for t in std.values())
         mean_std = float(sum(float(s.double().sum()) for s in std.values()) / numel)
-        drift = math.sqrt(sum(float((stats.mean[n].double() - p.detach().double()).pow(2).sum()) for n, p in trainable_parameters(parent).items()))
+        drift = math.sqrt(
+            sum(
+                float((stats.mean[n].double() - p.detach().double()).pow(2).sum())
+                for n, p in trainable_parameters(parent).items()
+            )
+        )
         norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in trainable_parameters(parent).values()))
         ctx.note("snapshots", stats.count)
         ctx.note("mean_std", mean_std)
         ctx.note("relative_drift", drift / norm)  # ||mean - parent|| / ||parent||
-        ctx.log(f"{stats.count} snapshots; mean per-weight std {mean_std:.3g}; the mean moved {100 * drift / norm:.2f}% from the parent")
+        ctx.log(
+            f"{stats.count} snapshots; mean per-weight std {mean_std:.3g}; the mean moved {100 * drift / norm:.2f}% from the parent"
+        )
 
         # buffers: the fine-tuned model's (the parent's with --stats) until BatchNorm is re-estimated
         base = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        include_mean = cfg.members == 0 or cfg.include_mean
-        names = (["mean"] if include_mean else []) + [f"sample-{j}" for j in range(cfg.members)]
-        weights = itertools.chain([mean_weights(stats, params)] if include_mean else [],
-                                  iter_members(stats, cfg.members, cfg.scale, cfg.seed, like=params))
+        names = (["mean"] if cfg.include_mean else []) + [f"sample-{j}" for j in range(cfg.draws)]
+        weights = itertools.chain(
+            [mean_weights(stats, params)] if cfg.include_mean else [],
+            iter_members(stats, cfg.draws, cfg.std_scale, cfg.seed, like=params),
+        )
         bn_batches = None
         if cfg.bn_batches > 0 and has_batchnorm(model):
-            bn_batches = _ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
+            bn_batches = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
         state_dicts, clock = [], Stopwatch()
         for tensors in progress(weights, total=len(names), description="members", enabled=ctx.show_progress):
             sd = dict(base)
@@ -427,7 +395,11 @@ class Resample(Method):
                 sd.update({k: v.cpu() for k, v in bn_statistics(model).items()})
             state_dicts.append(sd)
         ctx.note("bn_recalibrated", bn_batches is not None)
-        ctx.log(f"{len(names)} network(s) drawn" + (" and BatchNorm re-estimated" if bn_batches is not None else "") + f" in {clock.seconds:.0f} s")
+        ctx.log(
+            f"{len(names)} network(s) drawn"
+            + (" and BatchNorm re-estimated" if bn_batches is not None else "")
+            + f" in {clock.seconds:.0f} s"
+        )
         group = MemberGroup.from_state_dicts(arch, state_dicts, names)
         return Ensemble(groups=[group], combine=Combine(rule="prob_mean"))
 
@@ -440,13 +412,28 @@ class Resample(Method):
         steps = max(1, round(cfg.epochs * per_epoch))
         expected = max(0, (steps - cfg.burn_in) // cfg.every)
         if expected == 0:
-            raise PosthocError(f"--burn-in {cfg.burn_in} and --every {cfg.every} leave no snapshot in {steps} steps; lower them or raise --epochs")
-        if cfg.members > 0 and expected < 2:
-            raise PosthocError(f"drawing members needs at least 2 snapshots, {steps} steps with --burn-in {cfg.burn_in} --every {cfg.every} give {expected}; lower them or raise --epochs")
-        ctx.log(f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), lr {cfg.lr}, momentum {cfg.momentum}")
+            raise PosthocError(
+                f"--burn-in {cfg.burn_in} and --every {cfg.every} leave no snapshot in {steps} steps; lower them or raise --epochs"
+            )
+        if cfg.draws > 0 and expected < 2:
+            raise PosthocError(
+                f"drawing members needs at least 2 snapshots, {steps} steps with --burn-in {cfg.burn_in} --every {cfg.every} give {expected}; lower them or raise --epochs"
+            )
+        ctx.log(
+            f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), lr {cfg.lr}, momentum {cfg.momentum}"
+        )
         stats, summary = finetune_with_stats(
-            model, loader, steps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, burn_in=cfg.burn_in,
-            every=cfg.every, dtype=STATS_DTYPES[cfg.stats_dtype], device=ctx.device, show_progress=ctx.show_progress,
+            model,
+            loader,
+            steps,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            burn_in=cfg.burn_in,
+            every=cfg.every,
+            dtype=STATS_DTYPES[cfg.stats_dtype],
+            device=ctx.device,
+            show_progress=ctx.show_progress,
         )
         ctx.note("steps", summary["steps"])
         ctx.note("steps_per_epoch", per_epoch)
@@ -458,12 +445,18 @@ class Resample(Method):
     def _check_stats(stats: WelfordStats, params: Mapping[str, torch.Tensor], meta: Mapping[str, str], arch: dict, path) -> None:
         saved_arch = meta.get("architecture")
         if saved_arch and saved_arch != arch.get("architecture"):
-            raise PosthocError(f"{path} was recorded on {saved_arch}, not {arch.get('architecture')}; pass the model it was saved from")
+            raise PosthocError(
+                f"{path} was recorded on {saved_arch}, not {arch.get('architecture')}; pass the model it was saved from"
+            )
         missing = [n for n in params if n not in stats.mean]
         extra = [n for n in stats.mean if n not in params]
         if missing or extra:
             example = (missing or extra)[0]
-            raise PosthocError(f"{path} was recorded for other parameters ('{example}' does not match); pass the model it was saved from")
+            raise PosthocError(
+                f"{path} was recorded for other parameters ('{example}' does not match); pass the model it was saved from"
+            )
         for n, p in params.items():
             if tuple(stats.mean[n].shape) != tuple(p.shape):
-                raise PosthocError(f"{path} has '{n}' of shape {tuple(stats.mean[n].shape)}, the model's is {tuple(p.shape)}; pass the model it was saved from")
+                raise PosthocError(
+                    f"{path} has '{n}' of shape {tuple(stats.mean[n].shape)}, the model's is {tuple(p.shape)}; pass the model it was saved from"
+                )
