@@ -148,11 +148,11 @@ def boost(
                 f"pass --num-classes {len(ds.classes)} to re-head it, or point --data at its label space"
             )
 
-    def make_train_loader(batch_size, shuffle, seed, augment, subset):
+    def make_train_loader(batch_size, shuffle, seed, augment, subset, sample=None):
         ds = data_mod.image_folder(
             data, train_split, data_mod.train_transform(data_config, augment), label_names=labels, subset=subset
         )
-        return data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle)
+        return data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle, sample=sample)
 
     def make_select_loader(batch_size, subset):
         ds = data_mod.image_folder(data, select_spec, eval_tf, label_names=labels, select_size=select_size, subset=subset)

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, SubsetRandomSampler
 from torchvision import datasets
 from torchvision import transforms as T
 
 from .errors import PosthocError
+from .runtime import seeded_generator
 
 PARTS = ("select", "report")
 DEFAULT_SELECT_FRACTION = 0.4  # 2,000 of CIFAR-10's 5,000 val images, as BENCH.md fixes
@@ -197,18 +198,25 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     pin_memory: bool | None = None,
+    sample: Sequence[int] | None = None,
 ) -> DataLoader:
     """A DataLoader with workers and pinned memory (when CUDA is present) by default.
 
     Shuffling uses a generator seeded with ``seed``, so the same seed gives the same batch order.
+    ``sample`` (indices, repeats allowed: a bootstrap sample) replaces the dataset by those images, in
+    a seeded random order.
     """
     workers = default_workers() if workers is None else workers
-    drop_last = drop_last and len(dataset) > batch_size  # never drop the only batch of a small set
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(seed)
+    sampler = None
+    if sample is not None:
+        sampler, shuffle = SubsetRandomSampler(list(sample), generator=generator), False
+    drop_last = drop_last and (len(dataset) if sample is None else len(sample)) > batch_size  # never drop the only batch
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=False,

@@ -41,6 +41,6 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import lastlayer, noisy, resample, supernet  # noqa: E402,F401  (they register themselves)
+from . import lastlayer, noisy, resample, sparse, supernet  # noqa: E402,F401  (they register themselves)
 
 __all__ = ["BoostContext", "Method", "MethodConfig", "get_method", "list_methods", "make_config", "option", "register"]

@@ -16,7 +16,7 @@ import math
 import time
 import typing
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -200,10 +200,19 @@ class BoostContext:
         return self.parents[0]
 
     def train_loader(
-        self, batch_size: int = 128, *, shuffle: bool = True, seed: int = 0, augment: str = "light", subset: int | None = None
+        self,
+        batch_size: int = 128,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: str = "light",
+        subset: int | None = None,
+        sample: Sequence[int] | None = None,
     ):
-        """Training images (with ``augment``: light, timm or none) in a seeded order."""
-        return self.make_train_loader(batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment, subset=subset)
+        """Training images (with ``augment``: light, timm or none) in a seeded order; ``sample`` (indices
+        into the training split, repeats allowed) restricts them to a bootstrap sample."""
+        extra = {} if sample is None else {"sample": sample}
+        return self.make_train_loader(batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment, subset=subset, **extra)
 
     def select_loader(self, batch_size: int = 256, *, subset: int | None = None):
         """The select part of the validation split, in a fixed order, eval transform."""
