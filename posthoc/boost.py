@@ -17,6 +17,7 @@ from torch import nn
 
 from . import data as data_mod
 from .artifact import check_output, save
+from .calibrate import calibrated
 from .ensemble import Combine, Ensemble, Provenance
 from .errors import PosthocError
 from .evaluate import evaluate
@@ -99,6 +100,7 @@ def boost(
     workers: int | None = None,
     preprocessing: dict[str, Any] | None = None,
     overwrite: bool = False,
+    temperature_scaling: bool = True,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
@@ -115,6 +117,8 @@ def boost(
         train_split: images a method may train on.
         val_split: split whose *select* part (``select_size`` images, default 40%) a method tunes and
             selects on; its *report* part is never touched.
+        temperature_scaling: fit one temperature on the select part as the final step (stored in the
+            artifact's combine rule; :mod:`posthoc.calibrate`), for every method but hard votes.
         warn: where deprecation lines go (default: Python warnings).
         **config: the method's hyper-parameters (its ``Config`` fields).
 
@@ -174,9 +178,16 @@ def boost(
     clock = Stopwatch()
     runner = method_cls(cfg)
     ensemble = runner.build(ctx)
+    loader = data_mod.make_loader(select_set, 256, workers=workers)
+    if temperature_scaling and ensemble.combine.rule != "vote":
+        ensemble, fit = calibrated(ensemble, loader, dev)
+        ctx.note("temperature", fit)
+        log(
+            f"temperature {fit['temperature']:.4g}: select NLL {fit['select_before']['nll']:.4f} -> {fit['select_after']['nll']:.4f}, "
+            f"ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
+        )
     seconds = clock.seconds
 
-    loader = data_mod.make_loader(select_set, 256, workers=workers)
     ens_metrics = _scalars(evaluate(EnsembleModule(ensemble).to(dev), loader, device=dev, show_progress=False))
     parent_metrics = _scalars(evaluate(parents[0], loader, device=dev, show_progress=False))
     provenance = Provenance(

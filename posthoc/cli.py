@@ -286,6 +286,13 @@ def boost_command(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     overwrite: OverwriteOpt = False,
+    temperature_scaling: Annotated[
+        bool,
+        typer.Option(
+            "--temperature-scaling/--no-temperature-scaling",
+            help="Fit one temperature on the select part as the last step (stored in the artifact).",
+        ),
+    ] = True,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,
     interpolation: InterpOpt = None,
@@ -313,6 +320,7 @@ def boost_command(
         device=device,
         workers=workers,
         overwrite=overwrite,
+        temperature_scaling=temperature_scaling,
         show_progress=show_progress,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
         log=_log,
@@ -336,6 +344,47 @@ def boost_command(
     console.print(
         f"wrote {escape(summary['out'])} in {summary['seconds']:.0f} s; report on held-out data with "
         f"`posthoc eval {escape(summary['out'])} --data DATA --split val:report`",
+        highlight=False,
+    )
+
+
+# ----------------------------------------------------------------------------------- calibrate
+@app.command("calibrate")
+def calibrate_command(
+    model: ModelArg,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write.")],
+    val_split: Annotated[str, typer.Option("--val-split", help="Split whose select part the temperature is fitted on.")] = "val",
+    select_size: SelectSizeOpt = None,
+    arch: ArchOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    img_size: ImgSizeOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+):
+    """Fit a temperature on the select part: a checkpoint becomes a calibrated one-member artifact; an artifact is re-calibrated."""
+    from .calibrate import calibrate
+
+    r = calibrate(
+        model,
+        data,
+        out,
+        val_split=val_split,
+        select_size=select_size,
+        arch=arch,
+        device=device,
+        workers=workers,
+        overwrite=overwrite,
+        preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
+        command=_command_line(),
+        log=_log,
+    )
+    console.print(
+        f"wrote {escape(r['out'])}; report on held-out data with `posthoc eval {escape(r['out'])} --data DATA --split val:report`",
         highlight=False,
     )
 

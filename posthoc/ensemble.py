@@ -38,6 +38,20 @@ from .timm_io import build_from_timm_config, timm_config
 COMBINE_RULES = ("prob_mean", "logit_mean", "vote", "coupling")
 
 
+def combine_probabilities(logits: torch.Tensor, rule: str, temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities (B, C) from logits (K, B, C) under a combine rule, each member's logits divided
+    by ``temperature`` first. ``coupling`` takes the coupled logits as one member (1, B, C)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if rule in ("prob_mean", "coupling"):
+        return logits.softmax(-1).mean(0)
+    if rule == "logit_mean":
+        return logits.mean(0).softmax(-1)
+    if rule == "vote":
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype).mean(0)
+    raise PosthocError(f"unknown combine rule '{rule}'; use {', '.join(COMBINE_RULES)}")
+
+
 @dataclass(frozen=True, eq=False)
 class Combine:
     """How member outputs become the ensemble's class probabilities."""

@@ -37,11 +37,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .ensemble import Ensemble, MemberGroup
+from .ensemble import Ensemble, MemberGroup, combine_probabilities
 from .errors import PosthocError
 from .graph import FeaturesAndLogits, split_shared_prefix, tracer
 from .timm_io import build_from_timm_config
@@ -108,21 +107,20 @@ class EnsembleModule(nn.Module):
             return "vmap"
         return "threads" if executor.heavy_suffix and torch.get_num_threads() > 1 else "loop"
 
-    def forward(self, x: torch.Tensor, return_members: bool = False):
+    def raw_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the combine rule starts from, before the temperature: ``(combined, members)``, both
+        (K, B, C) member logits, except for ``coupling``, whose ``combined`` is the coupled logits (1, B, C)."""
         feats, logits = self.member_outputs(x)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if self.rule == "prob_mean":
-            probs = logits.softmax(-1).mean(0)
-        elif self.rule == "logit_mean":
-            probs = logits.mean(0).softmax(-1)
-        elif self.rule == "vote":
-            probs = F.one_hot(logits.argmax(-1), self.num_classes).to(logits.dtype).mean(0)
-        else:  # coupling: one learned layer over the members' concatenated features, member order
-            z = torch.cat([f.transpose(0, 1).reshape(f.shape[1], -1) for f in feats], dim=1)
-            probs = (self.coupling(z) / self.temperature).softmax(-1)
+        if self.coupling is None:
+            return logits, logits
+        z = torch.cat([f.transpose(0, 1).reshape(f.shape[1], -1) for f in feats], dim=1)  # member order
+        return self.coupling(z)[None], logits
+
+    def forward(self, x: torch.Tensor, return_members: bool = False):
+        combined, members = self.raw_logits(x)
+        probs = combine_probabilities(combined, self.rule, self.temperature)
         if return_members:
-            return probs, logits.softmax(-1)
+            return probs, (members / self.temperature).softmax(-1)
         return probs
 
 

@@ -18,6 +18,7 @@ predictions differ, averaged over all member pairs).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -137,19 +138,32 @@ def scores(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> d
     return {"top1": r["top1"], "nll": r["nll"], "ece": r["ece"]}
 
 
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor, iterations: int = 60) -> float:
+def fit_temperature(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    iterations: int = 60,
+) -> float:
     """The temperature minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
 
-    Golden-section search on log T in [1/20, 20], in float64; the NLL is convex in 1/T, so the search
-    finds the global minimum. ``logits`` may also be log-probabilities (an ensemble's log of its mean
-    probabilities): dividing them by T is the same one-parameter family.
+    With ``combine`` (scaled logits -> class probabilities, e.g. the mean of K members' softmaxes over
+    logits of shape (K, N, C)) the NLL of ``combine(logits / T)`` is minimised instead: an ensemble's
+    temperature divides every member's logits, as the artifact applies it. A grid over log T in
+    [1/20, 20] brackets the minimum, then a golden-section search refines it, in float64.
     """
     logits, y = logits.double(), y.long()
 
     def nll(log_t: float) -> float:
-        return float(F.cross_entropy(logits / math.exp(log_t), y))
+        scaled = logits / math.exp(log_t)
+        if combine is None:
+            return float(F.cross_entropy(scaled, y))
+        probs = combine(scaled)
+        return float(-probs.gather(-1, y[:, None]).clamp_min(PROB_FLOOR).log().mean())
 
-    lo, hi = math.log(0.05), math.log(20.0)
+    grid = [math.log(0.05) + i * (math.log(400.0) / 40) for i in range(41)]
+    values = [nll(t) for t in grid]
+    best = min(range(len(grid)), key=values.__getitem__)
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = nll(a), nll(b)

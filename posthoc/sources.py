@@ -108,8 +108,11 @@ def artifact_dir(spec: str | Path) -> Path:
 
 
 def is_artifact(spec: str) -> bool:
-    """True when ``spec`` names a local posthoc artifact directory."""
-    return not hub.is_hub_spec(spec) and artifact.is_artifact_dir(Path(spec.removeprefix("local-dir:")))
+    """True when ``spec`` names a posthoc artifact: a local artifact directory, or a Hub repository whose
+    ``config.json`` is an artifact's (fetched once, or read from the cache)."""
+    if hub.is_hub_spec(spec):
+        return artifact.is_artifact_config(hub.hub_config(*hub.split_repo(spec)))
+    return artifact.is_artifact_dir(Path(spec.removeprefix("local-dir:")))
 
 
 def member_name(spec: str) -> str:

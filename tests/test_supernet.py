@@ -89,11 +89,11 @@ def test_trained_coupling_is_kept_only_if_it_improves_select_nll(tmp_path, paren
     # with temperature scaling on, epochs are compared after fitting each its own temperature
     assert len(history) == 5 and history[best]["nll_t"] == min(h["nll_t"] for h in history)
     assert history[best]["nll_t"] < history[0]["nll_t"]  # these random parents leave room to learn
-    assert measured["select_after_temperature"]["nll"] == pytest.approx(history[best]["nll_t"], abs=1e-4)
-    assert measured["select_after_temperature"]["nll"] <= history[best]["nll"] + 1e-6
-    assert cfg["combine"]["temperature"] == pytest.approx(measured["temperature"], rel=1e-4)
+    assert measured["temperature"]["select_after"]["nll"] == pytest.approx(history[best]["nll_t"], abs=1e-4)
+    assert measured["temperature"]["select_after"]["nll"] <= history[best]["nll"] + 1e-6
+    assert cfg["combine"]["temperature"] == pytest.approx(measured["temperature"]["temperature"], rel=1e-4)
     # the build-time metric of the artifact is the coupled, temperature-scaled prediction
-    assert cfg["metrics"]["val:select"]["nll"] == pytest.approx(measured["select_after_temperature"]["nll"], abs=1e-4)
+    assert cfg["metrics"]["val:select"]["nll"] == pytest.approx(measured["temperature"]["select_after"]["nll"], abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------ frozen parts

@@ -193,6 +193,7 @@ class BoostContext:
     select_size: int
     log: Callable[[str], None] = print
     show_progress: bool = True
+    temperature_scaling: bool = True  # boost fits a temperature at the end: methods may select epochs after scaling
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property

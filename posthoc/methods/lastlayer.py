@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass
 
 from ..ensemble import Combine, Ensemble
-from ..metrics import fit_temperature, scores
+from ..metrics import scores
 from ..sources import member_name
 from . import register
 from ._layerwise import RetrainConfig, Retrainer, cache_megabytes, retrain, select_data, training_data
@@ -26,7 +26,6 @@ class LastLayerConfig(RetrainConfig):
     last_layers: int | None = option(
         2, "Layers retrained one at a time, last first: 1 = the classifier, 2 = also the last block, ...", ge=1
     )
-    temperature_scaling: bool = option(False, "Fit a temperature on the select part after training (stored in the artifact).")
 
     def validate(self) -> None:
         super().validate()
@@ -60,18 +59,12 @@ class LastLayer(Method):
             cfg,
             ctx.device,
             seed=cfg.seed,
-            calibrated=cfg.temperature_scaling,
+            calibrated=ctx.temperature_scaling,
             show_progress=ctx.show_progress,
             log=ctx.log,
             name=name,
         )
         ctx.log(f"caching {seconds:.1f} s, retraining {clock.seconds:.1f} s")
         ctx.note("stages", [s.summary() for s in stages])
-        logits = retrainer.logits(sel_cache, ctx.device)
-        ctx.note("select_after", scores(logits, sel_y))
-        temperature = 1.0
-        if cfg.temperature_scaling:
-            temperature = fit_temperature(logits, sel_y)
-            ctx.note("temperature", round(temperature, 5))
-            ctx.note("select_after_temperature", scores(logits, sel_y, temperature))
-        return Ensemble.from_models([model], [name], Combine(rule="prob_mean", temperature=temperature))
+        ctx.note("select_after", scores(retrainer.logits(sel_cache, ctx.device), sel_y))
+        return Ensemble.from_models([model], [name], Combine(rule="prob_mean"))

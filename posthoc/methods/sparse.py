@@ -55,30 +55,60 @@ from .supernet import CouplingConfig, couple
 @dataclass
 class SparseConfig(CouplingConfig):
     members: int = option(4, "Members of the artifact: the children, plus the parent with --include-parent.", ge=1)
-    keep: float = option(0.5, "Fraction of each prunable tensor's weights a child keeps; 1.0 prunes nothing (the dense ablation).", gt=0, le=1)
-    partition: int | None = option(None, "Siblings per mask group, their masks disjoint and covering the parent (default: 1/keep when that is a whole number > 1, else 1).", ge=1)
-    structure: str = option("unstructured", "Prune single weights (unstructured) or whole output channels (channel).", choices=("unstructured", "channel"))
-    mask_source: str = option("random", "Random masks, or l1: keep each tensor's largest weights (children then differ only by data order).", choices=("random", "l1"))
+    keep: float = option(
+        0.5, "Fraction of each prunable tensor's weights a child keeps; 1.0 prunes nothing (the dense ablation).", gt=0, le=1
+    )
+    partition: int | None = option(
+        None,
+        "Siblings per mask group, their masks disjoint and covering the parent (default: 1/keep when that is a whole number > 1, else 1).",
+        ge=1,
+    )
+    structure: str = option(
+        "unstructured",
+        "Prune single weights (unstructured) or whole output channels (channel).",
+        choices=("unstructured", "channel"),
+    )
+    mask_source: str = option(
+        "random",
+        "Random masks, or l1: keep each tensor's largest weights (children then differ only by data order).",
+        choices=("random", "l1"),
+    )
     prune_first_conv: bool = option(False, "Also prune the stem's first convolution.")
     prune_classifier: bool = option(True, "Also prune the classifier.")
-    last_layers: int | None = option(None, "Prune only in the last N layers: 1 = the classifier, 2 = also the last block, ... (default: all).", ge=1)
-    schedule: str = option("onecycle", "Learning rate per batch: onecycle (warm-up to --max-lr, cosine down) or constant (--max-lr throughout).", choices=("onecycle", "constant"))
+    last_layers: int | None = option(
+        None, "Prune only in the last N layers: 1 = the classifier, 2 = also the last block, ... (default: all).", ge=1
+    )
+    schedule: str = option(
+        "onecycle",
+        "Learning rate per batch: onecycle (warm-up to --max-lr, cosine down) or constant (--max-lr throughout).",
+        choices=("onecycle", "constant"),
+    )
     max_lr: float = option(0.05, "Peak learning rate of each child's tuning.", gt=0)
     pct_start: float = option(0.1, "Fraction of the tuning spent warming up (onecycle).", gt=0, lt=1)
     div_factor: float = option(100.0, "Initial learning rate = max-lr / div-factor (onecycle).", gt=0)
     final_div_factor: float = option(1e4, "Final learning rate = initial / final-div-factor (onecycle).", gt=0)
-    momentum: float = option(0.9, "SGD momentum (Nesterov) with --schedule constant; onecycle cycles it between 0.85 and 0.95.", ge=0, lt=1)
+    momentum: float = option(
+        0.9, "SGD momentum (Nesterov) with --schedule constant; onecycle cycles it between 0.85 and 0.95.", ge=0, lt=1
+    )
     weight_decay: float = option(5e-4, "SGD weight decay.", ge=0)
     child_epochs: float = option(1.0, "Epochs of tuning per child over the training split (fractions allowed).", gt=0)
     batch_size: int = option(128, "Tuning batch size.", ge=1)
-    augment: str = option("light", "Tuning augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none"))
+    augment: str = option(
+        "light", "Tuning augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
+    )
     bootstrap: bool = option(False, "Tune each child on its own bootstrap sample of the training images.")
-    anneal: str = option("none", "Stochastic subnetwork annealing of the pruned weights: none, temperature or random.", choices=("none", "temperature", "random"))
+    anneal: str = option(
+        "none",
+        "Stochastic subnetwork annealing of the pruned weights: none, temperature or random.",
+        choices=("none", "temperature", "random"),
+    )
     tau0: float = option(0.5, "Starting keep probability of pruned weights (--anneal temperature).", ge=0, le=1)
     anneal_epochs: float = option(0.3, "Epochs over which annealing reaches the pruned child.", gt=0)
     include_parent: bool = option(False, "Make the unmodified parent one of the members.")
     couple: bool = option(False, "Combine the children with a trained SuperNet coupling layer instead of the probability mean.")
-    bn_batches: int = option(32, "Training batches (of 128, eval transform) re-estimating each child's BatchNorm; 0 keeps the tuned statistics.", ge=0)
+    bn_batches: int = option(
+        32, "Training batches (of 128, eval transform) re-estimating each child's BatchNorm; 0 keeps the tuned statistics.", ge=0
+    )
 
     @property
     def children(self) -> int:
@@ -103,7 +133,9 @@ class SparseConfig(CouplingConfig):
             raise PosthocError(f"--members {self.members} leaves no child besides the parent; raise --members")
         p = self.siblings
         if p > 1 and abs(self.keep * p - 1) > 1e-6:
-            raise PosthocError(f"--partition {p} gives each sibling 1/{p} of the weights, so --keep must be {1 / p:.4g} (got {self.keep})")
+            raise PosthocError(
+                f"--partition {p} gives each sibling 1/{p} of the weights, so --keep must be {1 / p:.4g} (got {self.keep})"
+            )
         if p > 1 and self.mask_source == "l1":
             raise PosthocError("--mask-source l1 gives every child the same mask; it cannot be partitioned (use --partition 1)")
         if self.anneal != "none" and self.keep == 1:
@@ -119,11 +151,15 @@ def prunable_tensors(model: nn.Module, cfg: SparseConfig) -> list[str]:
     """Conv and linear weights a child prunes, in the model's order (first conv and classifier by option)."""
     names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
     head = model.get_classifier()
-    head_names = {f"{n}.weight" for n, m in model.named_modules() if m is head or (isinstance(head, nn.Module) and m in head.modules())}
+    head_names = {
+        f"{n}.weight" for n, m in model.named_modules() if m is head or (isinstance(head, nn.Module) and m in head.modules())
+    }
     if not cfg.prune_classifier:
         names = [n for n in names if n not in head_names]
     if not cfg.prune_first_conv and names:
-        first_conv = next((f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+        first_conv = next(
+            (f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None
+        )
         names = [n for n in names if n != first_conv]
     if cfg.last_layers is not None:
         allowed = {name for group in last_layers(model, cfg.last_layers) for name in group}
@@ -218,7 +254,9 @@ class Annealer:
 
 
 # ------------------------------------------------------------------------------------ one child
-def tune_child(parent: nn.Module, child: ChildMask | None, cfg: SparseConfig, ctx: BoostContext, index: int) -> tuple[nn.Module, dict[str, Any]]:
+def tune_child(
+    parent: nn.Module, child: ChildMask | None, cfg: SparseConfig, ctx: BoostContext, index: int
+) -> tuple[nn.Module, dict[str, Any]]:
     """Child ``index``: the parent with ``child``'s mask (``None``: dense), tuned on the training split.
 
     Independent of every other child (its data order, bootstrap sample and annealing draws come from
@@ -238,33 +276,53 @@ def tune_child(parent: nn.Module, child: ChildMask | None, cfg: SparseConfig, ct
     loader = ctx.train_loader(cfg.batch_size, seed=seed, augment=cfg.augment, sample=sample)
     steps = max(1, round(cfg.child_epochs * len(loader)))
     if cfg.schedule == "onecycle":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.max_lr / cfg.div_factor, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.max_lr / cfg.div_factor, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.max_lr, total_steps=steps, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
+            opt,
+            max_lr=cfg.max_lr,
+            total_steps=steps,
+            pct_start=cfg.pct_start,
+            div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor,
         )
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.max_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.max_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
         sched = None
     annealer = None
     if cfg.anneal != "none" and child is not None:
         anneal_steps = round(min(cfg.anneal_epochs, cfg.child_epochs) / cfg.child_epochs * steps)
         annealer = Annealer(child, masked, cfg, anneal_steps, derive_seed(seed, 2))
         annealer.draw(0)
-    losses = train_steps(model, cycle(loader, steps), opt, steps=steps, scheduler=sched, device=ctx.device,
-                         after_step=annealer.draw if annealer else None, show_progress=ctx.show_progress,
-                         description=f"child {index + 1}/{cfg.children}")
+    losses = train_steps(
+        model,
+        cycle(loader, steps),
+        opt,
+        steps=steps,
+        scheduler=sched,
+        device=ctx.device,
+        after_step=annealer.draw if annealer else None,
+        show_progress=ctx.show_progress,
+        description=f"child {index + 1}/{cfg.children}",
+    )
     for name, m in masked.items():  # the stored weight times the child's mask, exactly
         m.mask.copy_(child.mask[name])
         owner, _, attr = name.rpartition(".")
         parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=True)
     model.eval()
     if cfg.bn_batches and has_batchnorm(model):
-        recalibrate_bn(model, ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches), ctx.device)
+        recalibrate_bn(
+            model, ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches), ctx.device
+        )
     window = max(1, len(losses) // 10)
-    return model, {"steps": len(losses), "first_loss": round(sum(losses[:window]) / window, 5),
-                   "last_loss": round(sum(losses[-window:]) / window, 5)}
+    return model, {
+        "steps": len(losses),
+        "first_loss": round(sum(losses[:window]) / window, 5),
+        "last_loss": round(sum(losses[-window:]) / window, 5),
+    }
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -280,10 +338,20 @@ class Sparse(Method):
         names = prunable_tensors(parent, cfg) if cfg.keep < 1 else []
         p = cfg.siblings
         ctx.note("budget_parent_epochs", cfg.parent_epochs)
-        ctx.note("masks", {"seed": cfg.seed, "keep": cfg.keep, "partition": p, "tensors": len(names),
-                           "elements": int(sum(parent.get_parameter(n).numel() for n in names))})
-        ctx.log(f"training budget: {cfg.children} children x {cfg.child_epochs:g} epochs = {cfg.parent_epochs:g} parent-epochs "
-                f"(keep {cfg.keep:g}" + (f", {p} partitioned siblings per mask" if p > 1 else "") + ")")
+        ctx.note(
+            "masks",
+            {
+                "seed": cfg.seed,
+                "keep": cfg.keep,
+                "partition": p,
+                "tensors": len(names),
+                "elements": int(sum(parent.get_parameter(n).numel() for n in names)),
+            },
+        )
+        ctx.log(
+            f"training budget: {cfg.children} children x {cfg.child_epochs:g} epochs = {cfg.parent_epochs:g} parent-epochs "
+            f"(keep {cfg.keep:g}" + (f", {p} partitioned siblings per mask" if p > 1 else "") + ")"
+        )
         children, names_out, summaries, select_logits = [], [], {}, []
         for index in range(cfg.children):
             clock = Stopwatch()
@@ -297,8 +365,10 @@ class Sparse(Method):
             children.append(model)
             names_out.append(name)
             select_logits.append(logits[0])
-            ctx.log(f"{name}: select top-1 {summary['select']['top1']:.2f}% NLL {summary['select']['nll']:.4f} "
-                    f"({clock.seconds:.0f} s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f})")
+            ctx.log(
+                f"{name}: select top-1 {summary['select']['top1']:.2f}% NLL {summary['select']['nll']:.4f} "
+                f"({clock.seconds:.0f} s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f})"
+            )
         ctx.note("children", summaries)
         ctx.note("child_disagreement", round(mean_disagreement(select_logits), 3))
         if cfg.couple:
@@ -315,6 +385,10 @@ class Sparse(Method):
         nets = [FeaturesAndLogits(m).eval() for m in children]
         fns = [lambda x, net=net: (net(x)[0],) for net in nets]
         loader = ctx.train_loader(256, shuffle=False, seed=cfg.seed, augment="none")
-        train, train_y = cache_outputs(fns, loader, ctx.device, show_progress=ctx.show_progress, description="children's features")
+        train, train_y = cache_outputs(
+            fns, loader, ctx.device, show_progress=ctx.show_progress, description="children's features"
+        )
         sel, sel_y = cache_outputs(fns, ctx.select_loader(256), ctx.device)
-        return couple(children, names, [t[0] for t in train], train_y, [s[0] for s in sel], sel_y, cfg, ctx, batch_size=cfg.batch_size)
+        return couple(
+            children, names, [t[0] for t in train], train_y, [s[0] for s in sel], sel_y, cfg, ctx, batch_size=cfg.batch_size
+        )

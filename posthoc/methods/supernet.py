@@ -15,8 +15,8 @@ Choices where the thesis is silent or ambiguous:
 - **Training**: a fresh Adam at a cosine-annealed rate on the members' cached training features; the
   epoch with the best select NLL after fitting its own temperature is kept, epoch 0 included.
 - **Overconfidence** (the thesis's "loss function dilemma"): the members were trained on the very
-  images the layer is trained on, so it learns to trust them too much; a temperature fitted on the
-  select part is stored with the artifact (``--temperature-scaling``, on by default).
+  images the layer is trained on, so it learns to trust them too much: epochs are compared after
+  each one's own temperature, and boost's final temperature (``--temperature-scaling``) is kept.
 - **Copies of one checkpoint** are retrained at a high rate (SGD 0.05) on bootstrap samples and each
   layer keeps its *last* epoch, so the copies move apart.
 """
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..ensemble import Combine, Ensemble
 from ..errors import PosthocError
-from ..metrics import fit_temperature, mean_disagreement, scores
+from ..metrics import mean_disagreement, scores
 from ..runtime import derive_seed
 from ..sources import member_name
 from ..training import CachedData, batches_of, cache_outputs, epoch_order, run_cached, train_epochs
@@ -76,7 +76,6 @@ class SuperNetConfig(RetrainConfig, CouplingConfig):
         "Per layer keep the best select nll or top1 epoch, or the last (default: last for copies of one parent, else nll).",
         choices=("nll", "top1", "last"),
     )
-    temperature_scaling: bool = option(True, "Fit a temperature on the select part after training (stored in the artifact).")
     copies: int | None = option(None, "Members made from each parent (default: 4 from one parent, 1 from each of several).", ge=1)
 
     def validate(self) -> None:
@@ -123,15 +122,16 @@ def couple(
     ctx: BoostContext,
     *,
     batch_size: int = 128,
-    temperature_scaling: bool = True,
+    calibrated: bool = True,
 ) -> Ensemble:
     """Train the coupling layer over the members' features and return the coupled ensemble.
 
     ``train_feats`` / ``sel_feats`` are each member's penultimate features (``forward_head(pre_logits=
     True)``) on the training images and the select part, in the order of ``models``. The layer starts
     at :func:`coupling_init`, trains with a fresh optimizer for ``cfg.coupling_epochs`` epochs and keeps
-    the epoch with the best select NLL (after its own temperature when ``temperature_scaling``), whose
-    temperature is then stored in the combine rule.
+    the epoch with the best select NLL (after its own temperature when ``calibrated``: the members were
+    trained on the same images, so the layer grows overconfident while its ranking improves, and boost
+    fits the final temperature).
     """
     classifiers = [m.get_classifier() for m in models]
     divisor = cfg.coupling_divisor if cfg.coupling_divisor is not None else float(len(models))
@@ -161,24 +161,16 @@ def couple(
         l2=cfg.l2,
         steps_per_epoch=len(batches_of(order, batch_size)),
         select_by="nll",
-        calibrated=temperature_scaling,
+        calibrated=calibrated,
         show_progress=ctx.show_progress,
         description="coupling",
     )
     ctx.note("coupling", {"divisor": divisor, "features": int(weight.shape[1]), "best_epoch": best, "select": history})
-    logits = select_logits()[0]
+    kept = history[best]
     ctx.log(
         f"coupling layer ({weight.shape[1]} features -> {weight.shape[0]} classes): best epoch {best}, "
-        f"select top-1 {history[best]['top1']:.2f}% NLL {history[best]['nll']:.4f} ECE {history[best]['ece']:.2f}%"
+        f"select top-1 {kept['top1']:.2f}% NLL {kept['nll']:.4f} ECE {kept['ece']:.2f}%"
     )
-    temperature = 1.0
-    if temperature_scaling:
-        temperature = fit_temperature(logits, sel_y)
-        after = scores(logits, sel_y, temperature)
-        ctx.note("temperature", round(temperature, 5))
-        ctx.note("select_after_temperature", after)
-        ctx.log(f"temperature {temperature:.3f}: select NLL {after['nll']:.4f}, ECE {after['ece']:.2f}%")
-
     # members are grouped by architecture; the coupling columns follow the grouped member order
     groups = Ensemble.from_models(models, names).groups
     dims = [c.weight.shape[1] for c in classifiers]
@@ -188,7 +180,6 @@ def couple(
     columns = [w[:, starts[names.index(n)] : starts[names.index(n)] + dims[names.index(n)]] for n in order_names]
     combine = Combine(
         rule="coupling",
-        temperature=temperature,
         coupling_weight=torch.cat(columns, dim=1).contiguous(),
         coupling_bias=layer.bias.detach().cpu().clone(),
     )
@@ -284,7 +275,7 @@ class SuperNet(Method):
             cfg,
             ctx,
             batch_size=cfg.batch_size,
-            temperature_scaling=cfg.temperature_scaling,
+            calibrated=ctx.temperature_scaling,
         )
         timing["coupling"] = clock.seconds
         ctx.log("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()))
