@@ -224,12 +224,29 @@ def summarize(config: dict[str, Any], path: str | Path | None = None) -> list[tu
             rows.append(("", "member-specific: " + _module_summary(member_names)))
     stored = sum(g["shared_numel"] + g["member_numel"] for g in config["groups"])
     rows.append(("stored elements", f"{stored / 1e6:.2f}M"))
+    cost = provenance.measured.get("inference_cost")
+    if cost:
+        text = f"{cost['flops_ratio']:.2f}x the parent's forward FLOPs"
+        if cost.get("time_ratio") is not None:
+            text += f", {cost['time_ratio']:.2f}x its forward time where it was built"
+        if cost.get("budget") is not None:
+            text += f" (budget {cost['budget']:g}x)"
+        rows.append(("inference cost", text))
     if path is not None:
         rows.append(("size on disk", f"{size_mb(path):.1f} MB"))
     meta = config["posthoc"]
     rows.append(("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}"))
     if provenance.config:
         rows.append(("hyper-parameters", ", ".join(f"{k}={v}" for k, v in provenance.config.items())))
+    parent = provenance.metrics.get(f"parent on {provenance.data.get('tuned_on')}")
+    own = provenance.metrics.get(str(provenance.data.get("tuned_on")))
+    if isinstance(parent, dict) and isinstance(own, dict) and "nll" in parent and "nll" in own:
+        rows.append(
+            (
+                "gain on the select part",
+                f"top-1 {own['top1'] - parent['top1']:+.2f}, NLL {own['nll'] - parent['nll']:+.4f} vs the parent",
+            )
+        )
     for split, metrics in provenance.metrics.items():
         if isinstance(metrics, dict):
             rows.append(

@@ -18,6 +18,7 @@ from torch import nn
 from . import data as data_mod
 from .artifact import check_output, save
 from .calibrate import calibrated
+from .cost import cost_summary, fits
 from .ensemble import Combine, Ensemble, Provenance
 from .errors import PosthocError
 from .evaluate import evaluate
@@ -101,6 +102,7 @@ def boost(
     preprocessing: dict[str, Any] | None = None,
     overwrite: bool = False,
     temperature_scaling: bool = True,
+    inference_budget: float | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
@@ -119,15 +121,23 @@ def boost(
             selects on; its *report* part is never touched.
         temperature_scaling: fit one temperature on the select part as the final step (stored in the
             artifact's combine rule; :mod:`posthoc.calibrate`), for every method but hard votes.
+        inference_budget: the artifact's forward FLOPs per image may be at most this many times the
+            parent's (the shared prefix counted once); each method maps it to its own knobs
+            (``Method.fit_budget``), and options given explicitly in ``config`` override it with a note.
         warn: where deprecation lines go (default: Python warnings).
         **config: the method's hyper-parameters (its ``Config`` fields).
 
     Returns:
         A summary: ``out``, ``seconds`` (method wall time), the ensemble's and the first parent's
-        metrics on the select part, what the method measured (``notes``), and ``members``.
+        metrics on the select part, what the method measured (``notes``), ``members`` and the inference
+        ``cost`` (members, parameters, FLOPs and measured time ratios against the parent).
     """
     method_cls = get_method(method)
     cfg = make_config(method_cls.Config, config, warn=warn)
+    if inference_budget is not None and not inference_budget >= 1:
+        raise PosthocError(
+            f"--inference-budget must be at least 1.0 (one network costs 1.0x the parent), got {inference_budget:g}"
+        )
     if len(models) < method_cls.min_parents or (method_cls.max_parents is not None and len(models) > method_cls.max_parents):
         most = method_cls.max_parents
         allowed = f"{method_cls.min_parents}" + ("" if most == method_cls.min_parents else f" to {most or 'any number of'}")
@@ -174,9 +184,12 @@ def boost(
         log=log,
         show_progress=show_progress,
     )
+    runner = method_cls(cfg)
+    if inference_budget is not None:
+        for line in runner.fit_budget(parents, inference_budget, set(config)):
+            log(line)
     seed_everything(cfg.seed)
     clock = Stopwatch()
-    runner = method_cls(cfg)
     ensemble = runner.build(ctx)
     loader = data_mod.make_loader(select_set, 256, workers=workers)
     if temperature_scaling and ensemble.combine.rule != "vote":
@@ -188,11 +201,21 @@ def boost(
         )
     seconds = clock.seconds
 
-    ens_metrics = _scalars(evaluate(EnsembleModule(ensemble).to(dev), loader, device=dev, show_progress=False))
+    module = EnsembleModule(ensemble).to(dev)
+    ens_metrics = _scalars(evaluate(module, loader, device=dev, show_progress=False))
     parent_metrics = _scalars(evaluate(parents[0], loader, device=dev, show_progress=False))
+    cost = cost_summary(module, parents[0])
+    if inference_budget is not None:
+        cost["budget"] = inference_budget
+        if not fits(cost["flops_ratio"], inference_budget):
+            (warn or log)(
+                f"the artifact costs {cost['flops_ratio']:.2f}x the parent's FLOPs, over --inference-budget "
+                f"{inference_budget:g}, because of the options given explicitly"
+            )
+    ctx.note("inference_cost", cost)
     provenance = Provenance(
         method=method,
-        config=dataclasses.asdict(cfg),
+        config=dataclasses.asdict(runner.config),
         measured=ctx.notes,
         include_parent=runner.includes_parent(),
         sources=list(models),
@@ -215,6 +238,7 @@ def boost(
         "parent": parent_metrics,
         "notes": ctx.notes,
         "members": ensemble.num_members,
+        "cost": cost,
     }
 
 

@@ -78,6 +78,7 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
         "rule": combine["rule"],
         "rule_text": rule_text,
         "stored_text": f"{shared / 1e6:.2f}M shared elements stored once, {member / 1e6:.2f}M member-specific elements",
+        "cost_text": _cost_text(method.get("measured", {}).get("inference_cost"), config["num_members"]),
         "metrics_table": _metrics_table(config.get("metrics") or {}),
         "load_path": load_path,
         "input_size": tuple(cfg.get("input_size", ())),
@@ -93,6 +94,13 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
     }
     card = ModelCard.from_template(card_data, template_str=template_text(template), **values)
     return str(card.content).replace("\n\n\n", "\n\n")
+
+
+def _cost_text(cost: dict[str, Any] | None, members: int) -> str:
+    if not cost:
+        return f"{members} member(s); the forward FLOPs were not recorded."
+    budget = f" (built for an inference budget of {cost['budget']:g}x)" if cost.get("budget") is not None else ""
+    return f"{cost['flops_ratio']:.2f}x the forward FLOPs of the base model per image, shared layers counted once{budget}."
 
 
 def _eval_results(config: dict[str, Any]) -> list:

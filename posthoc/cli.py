@@ -293,6 +293,14 @@ def boost_command(
             help="Fit one temperature on the select part as the last step (stored in the artifact).",
         ),
     ] = True,
+    inference_budget: Annotated[
+        Optional[float],
+        typer.Option(
+            "--inference-budget",
+            help="Most forward FLOPs per image the artifact may cost, in parent forward passes (e.g. 1.5); the method "
+            "chooses its members and their shared part to fit. Options given explicitly override it.",
+        ),
+    ] = None,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,
     interpolation: InterpOpt = None,
@@ -321,6 +329,7 @@ def boost_command(
         workers=workers,
         overwrite=overwrite,
         temperature_scaling=temperature_scaling,
+        inference_budget=inference_budget,
         show_progress=show_progress,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
         log=_log,
@@ -328,18 +337,23 @@ def boost_command(
         command=_command_line(),
         **ctx.meta["method_options"],
     )
-    ens, par = summary["ensemble"], summary["parent"]
+    ens, par, cost = summary["ensemble"], summary["parent"], summary["cost"]
     table = Table(title=f"validation (select part): parent vs {summary['members']}-member ensemble")
     table.add_column("metric")
     table.add_column("parent", justify="right")
     table.add_column("ensemble", justify="right")
+    table.add_column("change", justify="right")
     for label, key, fmt in (
         ("top-1 (%)", "top1", "{:.2f}"),
         ("NLL", "nll", "{:.4f}"),
         ("ECE (%)", "ece", "{:.2f}"),
         ("Brier", "brier", "{:.4f}"),
     ):
-        table.add_row(label, fmt.format(par[key]), fmt.format(ens[key]))
+        table.add_row(label, fmt.format(par[key]), fmt.format(ens[key]), ("{:+" + fmt[2:]).format(ens[key] - par[key]))
+    table.add_row("members", "1", str(cost["members"]), "")
+    table.add_row("parameters (M)", "", f"{cost['parameters'] / 1e6:.2f}", "")
+    table.add_row("forward FLOPs (x parent)", "1.00", f"{cost['flops_ratio']:.2f}", "")
+    table.add_row("forward time (x parent, this machine)", "1.00", f"{cost['time_ratio']:.2f}", "")
     console.print(table)
     console.print(
         f"wrote {escape(summary['out'])} in {summary['seconds']:.0f} s; report on held-out data with "

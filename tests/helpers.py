@@ -79,3 +79,16 @@ def fill_hf_cache(repo_id: str, files: dict[str, bytes], revision: str = "main")
     for name, data in files.items():
         (snapshot / name).write_bytes(data)
     return snapshot
+
+
+def assert_same_artifact(a: Path, b: Path) -> None:
+    """Two artifacts built with the same seed: identical weights, card and config, except the forward time
+    ratio measured on the machine (the only field that is a wall-clock measurement)."""
+    import json
+
+    for name in ("model.safetensors", "README.md"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    configs = [json.loads((d / "config.json").read_text()) for d in (a, b)]
+    for config in configs:
+        config["method"]["measured"]["inference_cost"].pop("time_ratio")
+    assert configs[0] == configs[1]

@@ -14,7 +14,7 @@ from posthoc.boost import boost
 from posthoc.cli import main
 from posthoc.methods.noisy import Child, ChildScorer, Mutator, kl_to_parent, mutable_tensors, population_plan, search_sigma
 
-from .helpers import tiny_model
+from .helpers import assert_same_artifact, tiny_model
 
 
 def test_four_children_of_one_draw_are_mirrored_and_partitioned():
@@ -104,8 +104,7 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
     _boost(resnet_dir, image_data, tmp_path / "b", seed=7)
     _boost(resnet_dir, image_data, tmp_path / "c", seed=8)
     read = lambda d, f: (tmp_path / d / f).read_bytes()
-    for name in ("model.safetensors", "config.json", "README.md"):
-        assert read("a", name) == read("b", name), name
+    assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert read("a", "model.safetensors") != read("c", "model.safetensors")
     config = json.loads(read("a", "config.json"))
     measured = config["method"]["measured"]

@@ -22,7 +22,7 @@ from posthoc.methods.resample import (
 )
 from posthoc.sources import load_model
 
-from .helpers import tiny_model
+from .helpers import assert_same_artifact, tiny_model
 
 
 def _random_batches(n: int, seed: int = 0, size: int = 8):
@@ -151,8 +151,7 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
     _boost(resnet_dir, image_data, tmp_path / "b", seed=3, members=3, include_mean=True)
     _boost(resnet_dir, image_data, tmp_path / "c", seed=4, members=3, include_mean=True)
     read = lambda d, f: (tmp_path / d / f).read_bytes()
-    for name in ("model.safetensors", "config.json", "README.md"):
-        assert read("a", name) == read("b", name), name
+    assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert read("a", "model.safetensors") != read("c", "model.safetensors")
     config = json.loads(read("a", "config.json"))
     measured = config["method"]["measured"]

@@ -17,7 +17,7 @@ from posthoc.cli import main
 from posthoc.methods.base import make_config
 from posthoc.methods.sparse import Annealer, Masked, SparseConfig, group_masks, prunable_tensors
 
-from .helpers import tiny_model
+from .helpers import assert_same_artifact, tiny_model
 
 FAST = dict(batch_size=16, child_epochs=0.5, bn_batches=1)
 
@@ -135,9 +135,8 @@ def test_annealing_probabilities_reach_the_mask():
 def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
     for d, seed in (("a", 5), ("b", 5), ("c", 6)):
         _boost(resnet_dir, image_data, tmp_path / d, members=2, seed=seed, bootstrap=True)
-    data = {d: (tmp_path / d / "model.safetensors").read_bytes() for d in "abc"}
-    assert data["a"] == data["b"] and data["a"] != data["c"]
-    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+    assert_same_artifact(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
 def test_tuning_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, image_data):

@@ -21,7 +21,7 @@ from posthoc.methods.supernet import coupling_init
 from posthoc.metrics import fit_temperature
 from posthoc.timm_io import last_layers as layer_units
 
-from .helpers import save_hub_layout, tiny_model
+from .helpers import assert_same_artifact, save_hub_layout, tiny_model
 
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 FAST = dict(epochs_per_layer=2, batch_size=16)  # both methods
@@ -182,8 +182,7 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, parent_dirs, image_dat
     kw = dict(copies=2, **FAST_SN)
     _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "a", seed=5, **kw)
     _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "b", seed=5, **kw)
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert_same_artifact(tmp_path / "a", tmp_path / "b")
 
 
 def test_training_never_reads_report_images(tmp_path, monkeypatch, parent_dirs, image_data):

@@ -174,6 +174,17 @@ class Method:
         """Whether one member of what :meth:`build` returns is the unchanged parent (recorded in the artifact)."""
         return bool(getattr(self.config, "include_parent", False))
 
+    def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
+        """Set this method's cost knobs so the artifact's forward FLOPs stay within ``budget`` times the
+        parent's (:mod:`posthoc.cost`); options in ``given`` were set explicitly and are kept. Returns
+        one line per choice made (or per explicit option that overrides the budget)."""
+        raise PosthocError(f"method '{self.name}' does not take --inference-budget yet; drop it")
+
+    def configure(self, **changes: Any) -> None:
+        """Replace config fields (checked again) after a budget chose them."""
+        self.config = dataclasses.replace(self.config, **changes)
+        self.config.validate()
+
 
 @dataclass
 class BoostContext:

@@ -41,6 +41,10 @@ class LastLayer(Method):
     Config = LastLayerConfig
     summary = "Retrain the classifier, then earlier blocks one at a time (last first) on cached activations; one network."
 
+    def fit_budget(self, parents: list, budget: float, given: set[str]) -> list[str]:
+        """One network: any budget of at least 1.0 holds it."""
+        return [f"--inference-budget {budget:g}: lastlayer always writes one network (1.00x)"]
+
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: LastLayerConfig = self.config
         model = copy.deepcopy(ctx.parent).eval()

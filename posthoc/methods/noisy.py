@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..cost import widest_fit
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
 from ..graph import FeaturesAndLogits, split_shared_prefix
@@ -266,6 +267,21 @@ class Noisy(Method):
     name = "noisy"
     Config = NoisyConfig
     summary = "Sparse Gaussian mutations of the parent at a target KL, top-K children by validation; no training."
+
+    def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
+        """The widest mutated part (``--last-layers``) at which at least 4 members fit, with as many
+        members (up to ``--members``) as fit; an explicit ``--last-layers`` or ``--members`` is kept."""
+        cfg: NoisyConfig = self.config
+        if {"members", "last_layers"} <= given:
+            return [f"--members and --last-layers were given: they override --inference-budget {budget:g}"]
+        layers_options = [cfg.last_layers] if "last_layers" in given else None
+        minimum = cfg.members if "members" in given else 4
+        layers, members = widest_fit(parents[0], budget, cfg.members, minimum, layers_options)
+        if "members" in given:
+            members = cfg.members
+        self.configure(last_layers=layers, members=max(members, int(cfg.include_parent) + 1))
+        where = "every layer" if layers is None else f"the last {layers} layer(s)"
+        return [f"--inference-budget {budget:g}: noisy mutates {where} with {self.config.members} members"]
 
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: NoisyConfig = self.config

@@ -34,7 +34,7 @@ from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
 from ..runtime import progress, seeded_generator
 from ..timm_io import timm_config
-from ..training import ImageBatches, cycle, has_batchnorm, recalibrate_bn, train_steps
+from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, train_steps
 from . import register
 from .base import BoostContext, Method, MethodConfig, Renamed, Stopwatch, option
 
@@ -325,6 +325,24 @@ class Resample(Method):
     Config = ResampleConfig
     summary = "Fine-tune ~1 epoch with constant-rate SGD, keep a Welford mean/std per weight; mean model or Gaussian draws."
 
+    candidates: list[tuple[bool, int]] | None = None  # (mean model included, members) to choose from on select
+
+    def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
+        """Every member is a full network: under 2x the mean model alone; otherwise the mean model, K draws,
+        or the mean and K-1 draws (K the most full networks that fit, at most 8), chosen on the select part."""
+        if "members" in given:
+            return [f"--members was given: it overrides --inference-budget {budget:g}"]
+        k = min(8, int(budget + 1e-9))
+        if k < 2:
+            self.configure(members=1, include_mean=True)
+            return [f"--inference-budget {budget:g}: resample writes the mean model (1.00x)"]
+        self.candidates = [(True, 1), (False, k), (True, k)]
+        self.configure(members=k + 1, include_mean=True)  # the mean and k draws cover every candidate
+        return [
+            f"--inference-budget {budget:g}: resample chooses on the select part between the mean model, {k} draws "
+            f"and the mean with {k - 1} draws"
+        ]
+
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: ResampleConfig = self.config
         parent = ctx.parent.eval()
@@ -400,8 +418,30 @@ class Resample(Method):
             + (" and BatchNorm re-estimated" if bn_batches is not None else "")
             + f" in {clock.seconds:.0f} s"
         )
+        if self.candidates:
+            state_dicts, names = self._choose(ctx, model, state_dicts, names)
         group = MemberGroup.from_state_dicts(arch, state_dicts, names)
         return Ensemble(groups=[group], combine=Combine(rule="prob_mean"))
+
+    def _choose(self, ctx: BoostContext, model: nn.Module, state_dicts: list, names: list[str]) -> tuple[list, list[str]]:
+        """Keep the candidate member set with the lowest select NLL (probability mean of its members)."""
+        fns = []
+        for sd in state_dicts:
+            net = copy.deepcopy(model)
+            net.load_state_dict(sd)
+            fns.append(lambda x, net=net.eval(): (net(x),))
+        outputs, y = cache_outputs(fns, ctx.select_loader(256), ctx.device)
+        probs = [o[0].softmax(-1) for o in outputs]  # mean first, then the draws
+        results = []
+        for with_mean, k in self.candidates:
+            chosen = [0] if with_mean and k == 1 else ([0, *range(1, k)] if with_mean else list(range(1, k + 1)))
+            nll = float(-torch.stack([probs[i] for i in chosen]).mean(0).gather(1, y[:, None]).clamp_min(1e-12).log().mean())
+            results.append((nll, with_mean, k, chosen))
+        nll, with_mean, k, chosen = min(results, key=lambda r: (r[0], r[2]))
+        ctx.note("budget_choice", [{"include_mean": w, "members": m, "select_nll": round(n, 5)} for n, w, m, _ in results])
+        ctx.log(f"chosen on the select part: {'the mean model' if chosen == [0] else f'{k} members'} (select NLL {nll:.4f})")
+        self.configure(members=k, include_mean=with_mean)
+        return [state_dicts[i] for i in chosen], ["mean" if i == 0 else f"sample-{i - 1}" for i in chosen]
 
     @staticmethod
     def _finetune(ctx: BoostContext, cfg: ResampleConfig, model: nn.Module) -> WelfordStats:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..cost import widest_fit
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
 from ..graph import FeaturesAndLogits
@@ -76,7 +77,10 @@ class SparseConfig(CouplingConfig):
     prune_first_conv: bool = option(False, "Also prune the stem's first convolution.")
     prune_classifier: bool = option(True, "Also prune the classifier.")
     last_layers: int | None = option(
-        None, "Prune only in the last N layers: 1 = the classifier, 2 = also the last block, ... (default: all).", ge=1
+        None,
+        "Prune and tune only the last N layers, the rest frozen and shared by every child: 1 = the classifier, "
+        "2 = also the last block, ... (default: all).",
+        ge=1,
     )
     schedule: str = option(
         "onecycle",
@@ -265,6 +269,7 @@ def tune_child(
     """
     model = copy.deepcopy(parent).train()
     seed = derive_seed(cfg.seed, 1000 + index)
+    frozen_bn = _freeze_outside(model, cfg.last_layers)
     masked: dict[str, Masked] = {}
     for name, mask in (child.mask if child is not None else {}).items():
         owner, _, attr = name.rpartition(".")
@@ -275,10 +280,9 @@ def tune_child(
         sample = torch.randint(0, ctx.train_size, (ctx.train_size,), generator=seeded_generator(seed, 1)).tolist()
     loader = ctx.train_loader(cfg.batch_size, seed=seed, augment=cfg.augment, sample=sample)
     steps = max(1, round(cfg.child_epochs * len(loader)))
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.schedule == "onecycle":
-        opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.max_lr / cfg.div_factor, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
-        )
+        opt = torch.optim.SGD(params, lr=cfg.max_lr / cfg.div_factor, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt,
             max_lr=cfg.max_lr,
@@ -289,7 +293,7 @@ def tune_child(
         )
     else:
         opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.max_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+            params, lr=cfg.max_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
         )
         sched = None
     annealer = None
@@ -297,6 +301,8 @@ def tune_child(
         anneal_steps = round(min(cfg.anneal_epochs, cfg.child_epochs) / cfg.child_epochs * steps)
         annealer = Annealer(child, masked, cfg, anneal_steps, derive_seed(seed, 2))
         annealer.draw(0)
+    for bn in frozen_bn:  # the shared trunk keeps the parent's statistics
+        bn.eval()
     losses = train_steps(
         model,
         cycle(loader, steps),
@@ -314,9 +320,9 @@ def tune_child(
         parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=True)
     model.eval()
     if cfg.bn_batches and has_batchnorm(model):
-        recalibrate_bn(
-            model, ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches), ctx.device
-        )
+        batches = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
+        tuned = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_bn]
+        recalibrate_bn(model, batches, ctx.device, modules=tuned if frozen_bn else None)
     window = max(1, len(losses) // 10)
     return model, {
         "steps": len(losses),
@@ -325,12 +331,39 @@ def tune_child(
     }
 
 
+def _freeze_outside(model: nn.Module, layers: int | None) -> list[nn.Module]:
+    """Freeze every parameter outside the last ``layers`` layers (``None``: nothing); return the BatchNorm
+    layers outside them, which must keep the parent's statistics so the trunk stays shared."""
+    if layers is None:
+        return []
+    scope = {n for group in last_layers(model, layers) for n in group}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in scope)
+    owners = {n.rsplit(".", 1)[0] for n in scope}
+    return [m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n not in owners]
+
+
 # ------------------------------------------------------------------------------------ the method
 @register
 class Sparse(Method):
     name = "sparse"
     Config = SparseConfig
     summary = "Prune random subnetworks of the parent (partitioned masks) and tune each briefly with a one-cycle schedule."
+
+    def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
+        """Children are full networks unless ``--last-layers`` confines them to the last layers (the rest
+        shared): the widest part at which at least 4 members fit, with as many members as fit."""
+        cfg: SparseConfig = self.config
+        if {"members", "last_layers"} <= given:
+            return [f"--members and --last-layers were given: they override --inference-budget {budget:g}"]
+        options = [cfg.last_layers] if "last_layers" in given else None
+        minimum = cfg.members if "members" in given else 4
+        layers, members = widest_fit(parents[0], budget, cfg.members, minimum, options)
+        members = cfg.members if "members" in given else max(members, int(cfg.include_parent) + 1)
+        fewer_than_siblings = members - int(cfg.include_parent) < cfg.siblings and "partition" not in given
+        self.configure(last_layers=layers, members=members, **({"partition": 1} if fewer_than_siblings else {}))
+        where = "every layer" if layers is None else f"the last {layers} layer(s), the rest shared"
+        return [f"--inference-budget {budget:g}: sparse tunes {where} in {self.config.members} members"]
 
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: SparseConfig = self.config

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..cost import fits, predicted_ratio, split_flops
 from ..ensemble import Combine, Ensemble
 from ..errors import PosthocError
 from ..metrics import mean_disagreement, scores
@@ -193,6 +194,30 @@ class SuperNet(Method):
     summary = "Couple members' penultimate features with one trained linear layer (SuperNet); from several checkpoints or retrained copies of one."
     min_parents = 1
     max_parents = None
+
+    def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
+        """Several checkpoints run whole (N x, which must fit); copies of one share the trunk before their
+        retrained layers, and as many copies as fit (up to ``--copies``, at least 2) are made."""
+        cfg = self.config.resolved(len(parents))
+        if len(parents) > 1:
+            if not fits(float(len(parents)), budget):
+                raise PosthocError(
+                    f"a SuperNet of {len(parents)} checkpoints runs {len(parents)} full networks ({len(parents)}.00x), over "
+                    f"--inference-budget {budget:g}; couple fewer checkpoints or raise the budget"
+                )
+            return [f"--inference-budget {budget:g}: {len(parents)} checkpoints coupled ({len(parents)}.00x)"]
+        if "copies" in given:
+            return [f"--copies was given: it overrides --inference-budget {budget:g}"]
+        split = split_flops(parents[0], cfg.last_layers)
+        copies = next((k for k in range(cfg.copies, 1, -1) if fits(predicted_ratio(split, k), budget)), None)
+        if copies is None:  # one network: the coupling layer over the parent's own features, a retrained head
+            self.configure(copies=1, last_layers=None if "last_layers" not in given else cfg.last_layers)
+            return [
+                f"--inference-budget {budget:g}: two copies would cost {predicted_ratio(split, 2):.2f}x; supernet "
+                "trains one coupling layer over the parent's features (one network)"
+            ]
+        self.configure(copies=copies)
+        return [f"--inference-budget {budget:g}: supernet couples {copies} copies retraining the last {cfg.last_layers} layers"]
 
     def build(self, ctx: BoostContext) -> Ensemble:
         cfg: SuperNetConfig = self.config.resolved(len(ctx.parents))
