@@ -236,6 +236,16 @@ def summarize(config: dict[str, Any], path: str | Path | None = None) -> list[tu
         rows.append(("size on disk", f"{size_mb(path):.1f} MB"))
     meta = config["posthoc"]
     rows.append(("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}"))
+    if provenance.method == "distill":
+        teacher = provenance.measured
+        rows.append(
+            (
+                "distilled from",
+                f"{teacher.get('teacher')} ({teacher.get('teacher_members')} members, "
+                f"{teacher.get('teacher_flops_ratio', 0):.2f}x FLOPs), about "
+                f"{teacher.get('cost_parent_epochs', 0):.2f} parent-epochs",
+            )
+        )
     if provenance.config:
         rows.append(("hyper-parameters", ", ".join(f"{k}={v}" for k, v in provenance.config.items())))
     parent = provenance.metrics.get(f"parent on {provenance.data.get('tuned_on')}")

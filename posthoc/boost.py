@@ -19,16 +19,16 @@ from . import data as data_mod
 from .artifact import check_output, save
 from .calibrate import calibrated
 from .cost import cost_summary, fits
+from .distill import DistillConfig
+from .distill import distill as distill_artifact
 from .ensemble import Combine, Ensemble, Provenance
 from .errors import PosthocError
-from .evaluate import evaluate
+from .evaluate import evaluate, headline
 from .fused import EnsembleModule
 from .methods import BoostContext, get_method, make_config
 from .methods.base import Stopwatch
 from .runtime import resolve_device, seed_everything
 from .sources import is_artifact, load_model, member_name
-
-BUILD_METRICS = ("top1", "top5", "nll", "ece", "brier", "member_top1", "disagreement")
 
 
 def default_out(specs: list[str], method: str) -> Path:
@@ -103,6 +103,7 @@ def boost(
     overwrite: bool = False,
     temperature_scaling: bool = True,
     inference_budget: float | None = None,
+    distill: DistillConfig | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
@@ -124,6 +125,8 @@ def boost(
         inference_budget: the artifact's forward FLOPs per image may be at most this many times the
             parent's (the shared prefix counted once); each method maps it to its own knobs
             (``Method.fit_budget``), and options given explicitly in ``config`` override it with a note.
+        distill: distil the artifact into one network as the final step (:mod:`posthoc.distill`): the
+            student is written to ``out`` and the ensemble it learned from to ``<out>-teacher``.
         warn: where deprecation lines go (default: Python warnings).
         **config: the method's hyper-parameters (its ``Config`` fields).
 
@@ -143,6 +146,10 @@ def boost(
         allowed = f"{method_cls.min_parents}" + ("" if most == method_cls.min_parents else f" to {most or 'any number of'}")
         raise PosthocError(f"method '{method}' takes {allowed} model(s), got {len(models)}")
     out = Path(out) if out is not None else default_out(models, method)
+    final_out = out
+    if distill is not None:
+        out = out.with_name(f"{out.name}-teacher")
+        check_output(final_out, overwrite)
     check_output(out, overwrite)  # before any work, not after an hour of it
     dev = resolve_device(device)
     parents = [load_model(spec, arch=arch, num_classes=num_classes).to(dev) for spec in models]
@@ -202,8 +209,8 @@ def boost(
     seconds = clock.seconds
 
     module = EnsembleModule(ensemble).to(dev)
-    ens_metrics = _scalars(evaluate(module, loader, device=dev, show_progress=False))
-    parent_metrics = _scalars(evaluate(parents[0], loader, device=dev, show_progress=False))
+    ens_metrics = headline(evaluate(module, loader, device=dev, show_progress=False))
+    parent_metrics = headline(evaluate(parents[0], loader, device=dev, show_progress=False))
     cost = cost_summary(module, parents[0])
     if inference_budget is not None:
         cost["budget"] = inference_budget
@@ -231,6 +238,23 @@ def boost(
         command=command,
     )
     save(ensemble, out, provenance, overwrite=overwrite)
+    student = None
+    if distill is not None:
+        student = distill_artifact(
+            str(out),
+            data,
+            final_out,
+            config=distill,
+            train_split=train_split,
+            val_split=val_split,
+            temperature_scaling=temperature_scaling,
+            device=device,
+            workers=workers,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            log=log,
+            command=command,
+        )
     return {
         "out": str(out),
         "seconds": seconds,
@@ -239,8 +263,5 @@ def boost(
         "notes": ctx.notes,
         "members": ensemble.num_members,
         "cost": cost,
+        "student": student,
     }
-
-
-def _scalars(result: dict[str, Any]) -> dict[str, float]:
-    return {k: result[k] for k in BUILD_METRICS if k in result}

@@ -293,6 +293,14 @@ def boost_command(
             help="Fit one temperature on the select part as the last step (stored in the artifact).",
         ),
     ] = True,
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill",
+            help="Distil the artifact into one network as the last step (written to --out; the ensemble to OUT-teacher).",
+        ),
+    ] = False,
+    distill_epochs: Annotated[float, typer.Option("--distill-epochs", help="Epochs of distillation with --distill.")] = 1.0,
     inference_budget: Annotated[
         Optional[float],
         typer.Option(
@@ -314,6 +322,7 @@ def boost_command(
     `posthoc boost --method NAME --help`.
     """
     from .boost import boost
+    from .distill import DistillConfig
 
     summary = boost(
         models,
@@ -330,6 +339,7 @@ def boost_command(
         overwrite=overwrite,
         temperature_scaling=temperature_scaling,
         inference_budget=inference_budget,
+        distill=DistillConfig(epochs=distill_epochs) if distill else None,
         show_progress=show_progress,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
         log=_log,
@@ -355,11 +365,25 @@ def boost_command(
     table.add_row("forward FLOPs (x parent)", "1.00", f"{cost['flops_ratio']:.2f}", "")
     table.add_row("forward time (x parent, this machine)", "1.00", f"{cost['time_ratio']:.2f}", "")
     console.print(table)
+    final = summary["student"]["out"] if summary["student"] else summary["out"]
+    if summary["student"]:
+        _print_student(summary["student"])
     console.print(
-        f"wrote {escape(summary['out'])} in {summary['seconds']:.0f} s; report on held-out data with "
-        f"`posthoc eval {escape(summary['out'])} --data DATA --split val:report`",
+        f"wrote {escape(final)} in {summary['seconds']:.0f} s; report on held-out data with "
+        f"`posthoc eval {escape(final)} --data DATA --split val:report`",
         highlight=False,
     )
+
+
+def _print_student(r: dict[str, Any]) -> None:
+    table = Table(title="distilled student on the select part (1 network)")
+    for column in ("metric", "parent", "teacher", "student"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for label, key, fmt in (("top-1 (%)", "top1", "{:.2f}"), ("NLL", "nll", "{:.4f}"), ("ECE (%)", "ece", "{:.2f}")):
+        table.add_row(label, fmt.format(r["before"][key]), fmt.format(r["teacher"][key]), fmt.format(r["student"][key]))
+    table.add_row("forward FLOPs (x parent)", "1.00", f"{r['teacher_flops_ratio']:.2f}", "1.00")
+    console.print(table)
+    console.print(f"distillation cost: about {r['cost_parent_epochs']:.2f} parent-epochs (from FLOPs)", highlight=False)
 
 
 # ----------------------------------------------------------------------------------- calibrate
@@ -397,6 +421,75 @@ def calibrate_command(
         command=_command_line(),
         log=_log,
     )
+    console.print(
+        f"wrote {escape(r['out'])}; report on held-out data with `posthoc eval {escape(r['out'])} --data DATA --split val:report`",
+        highlight=False,
+    )
+
+
+# ------------------------------------------------------------------------------------- distill
+@app.command("distill")
+def distill_command(
+    teacher: Annotated[str, typer.Argument(help="An ensemble artifact (directory or hf-hub:org/name).")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory for the student.")],
+    student: Annotated[Optional[str], typer.Option("--student", help="Model to train (default: the artifact's parent).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Epochs over the training split (fractions allowed).")] = 1.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature of teacher and student.")] = 4.0,
+    alpha: Annotated[
+        Optional[float], typer.Option("--alpha", help="Weight of the distillation term (default 0.9; 1.0 with --consensus).")
+    ] = None,
+    consensus: Annotated[
+        bool, typer.Option("--consensus", help="Collaborative loss: cross-entropy + alpha x symmetric CE to the ensemble.")
+    ] = False,
+    cache_teacher: Annotated[
+        bool, typer.Option("--cache-teacher", help="One teacher pass over a fixed augmented view of every image.")
+    ] = False,
+    schedule: Annotated[str, typer.Option("--schedule", help="onecycle, cosine or constant.")] = "onecycle",
+    max_lr: Annotated[float, typer.Option("--max-lr", help="Peak SGD learning rate.")] = 0.02,
+    batch_size: BatchOpt = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same student.")] = 0,
+    train_split: Annotated[str, typer.Option("--train-split", help="Split the student trains on.")] = "train",
+    val_split: Annotated[str, typer.Option("--val-split", help="Split whose select part scores the student.")] = "val",
+    temperature_scaling: Annotated[
+        bool, typer.Option("--temperature-scaling/--no-temperature-scaling", help="Calibrate the student on the select part.")
+    ] = True,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    show_progress: ProgressOpt = True,
+):
+    """Distil an ensemble artifact into one network (1x inference): knowledge distillation or the consensus loss."""
+    from .distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        epochs=epochs,
+        temperature=temperature,
+        alpha=alpha,
+        consensus=consensus,
+        cache_teacher=cache_teacher,
+        schedule=schedule,
+        max_lr=max_lr,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    r = distill(
+        teacher,
+        data,
+        out,
+        student=student,
+        config=cfg,
+        train_split=train_split,
+        val_split=val_split,
+        temperature_scaling=temperature_scaling,
+        device=device,
+        workers=workers,
+        overwrite=overwrite,
+        show_progress=show_progress,
+        log=_log,
+        command=_command_line(),
+    )
+    _print_student(r)
     console.print(
         f"wrote {escape(r['out'])}; report on held-out data with `posthoc eval {escape(r['out'])} --data DATA --split val:report`",
         highlight=False,

@@ -195,6 +195,14 @@ def evaluate(
     return result
 
 
+HEADLINE = ("top1", "top5", "nll", "ece", "brier", "member_top1", "disagreement")
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of an :func:`evaluate` result that artifacts record (no throughput, no bins)."""
+    return {k: result[k] for k in HEADLINE if k in result}
+
+
 def _num_parameters(model: nn.Module) -> int:
     counter = getattr(model, "num_parameters", None)
     return counter() if callable(counter) else sum(p.numel() for p in model.parameters())

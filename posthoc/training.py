@@ -129,6 +129,48 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def sgd_with_schedule(
+    params: list[torch.Tensor],
+    steps: int,
+    *,
+    schedule: str = "onecycle",
+    max_lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    pct_start: float = 0.1,
+    div_factor: float = 100.0,
+    final_div_factor: float = 1e4,
+) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with Nesterov momentum and its per-step scheduler for ``steps`` steps.
+
+    ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR`` (warm-up from ``max_lr / div_factor`` over
+    ``pct_start`` of the steps, cosine down to ``max_lr / div_factor / final_div_factor``, momentum cycled
+    inversely between 0.85 and 0.95); ``cosine``: from ``max_lr`` to 0; ``constant``: ``max_lr``
+    throughout (no scheduler).
+    """
+    nesterov = momentum > 0
+    if schedule == "onecycle":
+        opt = torch.optim.SGD(params, lr=max_lr / div_factor, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=max_lr,
+            total_steps=max(1, steps),
+            pct_start=pct_start,
+            div_factor=div_factor,
+            final_div_factor=final_div_factor,
+        )
+        return opt, sched
+    opt = torch.optim.SGD(params, lr=max_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if schedule == "cosine":
+        return opt, cosine_schedule(opt, steps)
+    if schedule == "constant":
+        return opt, None
+    raise PosthocError(f"unknown schedule '{schedule}'; use {', '.join(SCHEDULES)}")
+
+
 def train_epochs(
     forward: Callable[[Any], torch.Tensor],
     params: list[nn.Parameter],

@@ -47,7 +47,7 @@ from ..graph import FeaturesAndLogits
 from ..metrics import mean_disagreement, scores
 from ..runtime import derive_seed, seeded_generator
 from ..timm_io import last_layers, timm_config
-from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, train_steps
+from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, sgd_with_schedule, train_steps
 from . import register
 from .base import BoostContext, Method, Stopwatch, option
 from .supernet import CouplingConfig, couple
@@ -281,21 +281,17 @@ def tune_child(
     loader = ctx.train_loader(cfg.batch_size, seed=seed, augment=cfg.augment, sample=sample)
     steps = max(1, round(cfg.child_epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.schedule == "onecycle":
-        opt = torch.optim.SGD(params, lr=cfg.max_lr / cfg.div_factor, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=cfg.max_lr,
-            total_steps=steps,
-            pct_start=cfg.pct_start,
-            div_factor=cfg.div_factor,
-            final_div_factor=cfg.final_div_factor,
-        )
-    else:
-        opt = torch.optim.SGD(
-            params, lr=cfg.max_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
-        )
-        sched = None
+    opt, sched = sgd_with_schedule(
+        params,
+        steps,
+        schedule=cfg.schedule,
+        max_lr=cfg.max_lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
+    )
     annealer = None
     if cfg.anneal != "none" and child is not None:
         anneal_steps = round(min(cfg.anneal_epochs, cfg.child_epochs) / cfg.child_epochs * steps)

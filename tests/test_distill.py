@@ -1,0 +1,157 @@
+"""``posthoc distill``: the student moves toward the teacher on held-out images, the teacher is untouched,
+the same seed gives the same student, and the student is an ordinary artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import posthoc
+from posthoc.cli import main
+from posthoc.data import eval_transform, image_folder, make_loader, resolve_data_config
+from posthoc.distill import DistillConfig, distill, distillation_loss
+
+from .helpers import save_hub_layout, tiny_model
+
+
+def _trained(seed: int, data):
+    """A tiny model trained for a few epochs on the generated images (so its predictions are not uniform)."""
+    from posthoc.data import train_transform
+    from posthoc.training import cycle, train_steps
+
+    model = tiny_model("test_resnet", seed=seed)
+    loader = make_loader(
+        image_folder(data, "train", train_transform(resolve_data_config(model))),
+        16,
+        shuffle=True,
+        seed=seed,
+        workers=0,
+        drop_last=True,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_steps(model.train(), cycle(loader, 8 * len(loader)), opt)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, image_data):
+    root = tmp_path_factory.mktemp("teacher")
+    parents = [save_hub_layout(_trained(s, image_data), root / f"p{s}") for s in (1, 2)]
+    out = root / "deep2"
+    assert main(["ensemble", *map(str, parents), "--out", str(out)]) == 0
+    return out
+
+
+def _kl_to_teacher(student_dir, teacher_dir, data) -> float:
+    teacher = posthoc.load(teacher_dir)
+    student = posthoc.load_model(str(student_dir))
+    loader = make_loader(image_folder(data, "val:report", eval_transform(resolve_data_config(teacher))), 64, workers=0)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, _ in loader:
+            p = teacher(x).clamp_min(1e-12)
+            q = student(x)
+            q = q if getattr(student, "returns_probabilities", False) else q.softmax(-1)
+            total += float((p * (p.log() - q.clamp_min(1e-12).log())).sum())
+            n += len(x)
+    return total / n
+
+
+FAST = DistillConfig(epochs=3, temperature=1.0, alpha=1.0, max_lr=0.05, batch_size=16, seed=3)
+
+
+def test_student_moves_toward_the_teacher_on_held_out_images(tmp_path, teacher, resnet_dir, image_data):
+    weights = (teacher / "model.safetensors").read_bytes()
+    r = distill(
+        str(teacher),
+        image_data,
+        tmp_path / "s",
+        student=str(resnet_dir),
+        config=FAST,
+        workers=0,
+        show_progress=False,
+        log=lambda m: None,
+        temperature_scaling=False,
+    )
+    assert (teacher / "model.safetensors").read_bytes() == weights  # the teacher is never changed
+    before = _kl_to_teacher(resnet_dir, teacher, image_data)  # an untrained student
+    after = _kl_to_teacher(tmp_path / "s", teacher, image_data)
+    assert after < 0.5 * before, (before, after)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["num_members"] == 1 and config["method"]["name"] == "distill"
+    assert config["method"]["measured"]["teacher"] == str(teacher) and config["sources"] == [str(resnet_dir)]
+    assert r["cost_parent_epochs"] == pytest.approx(3 + 3 * r["teacher_flops_ratio"] / 3)
+
+
+def test_same_seed_gives_the_same_student_and_it_is_an_ordinary_artifact(tmp_path, capsys, teacher, image_data):
+    for d in ("a", "b"):
+        distill(str(teacher), image_data, tmp_path / d, config=FAST, workers=0, show_progress=False, log=lambda m: None)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (
+        main(["eval", str(tmp_path / "a"), "--data", str(image_data), "--split", "val:report", "--workers", "0", "--no-progress"])
+        == 0
+    )
+    assert main(["info", str(tmp_path / "a")]) == 0
+    assert f"distilled from | {teacher}".replace(" | ", " ") in " ".join(capsys.readouterr().out.split())
+
+
+def test_cached_teacher_and_consensus_loss(tmp_path, teacher, image_data):
+    cached = DistillConfig(epochs=2, temperature=2.0, max_lr=0.05, batch_size=16, cache_teacher=True)
+    r = distill(str(teacher), image_data, tmp_path / "c", config=cached, workers=0, show_progress=False, log=lambda m: None)
+    assert r["cost_parent_epochs"] == pytest.approx(2 + r["teacher_flops_ratio"] / 3)  # one teacher pass for both epochs
+    consensus = DistillConfig(epochs=1, consensus=True, batch_size=16)
+    assert consensus.alpha == 1.0
+    distill(str(teacher), image_data, tmp_path / "k", config=consensus, workers=0, show_progress=False, log=lambda m: None)
+    assert posthoc.load(tmp_path / "k").num_members == 1
+
+
+def test_losses_are_zero_at_agreement_where_they_should_be():
+    logits = torch.randn(6, 4)
+    y = logits.argmax(-1)
+    teacher = logits.log_softmax(-1)
+    kd_only = DistillConfig(alpha=1.0, temperature=3.0)
+    assert distillation_loss(logits, teacher, y, kd_only).abs() < 1e-6  # KL to itself
+    consensus = DistillConfig(consensus=True)
+    entropy = -(teacher.exp() * teacher).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    torch.testing.assert_close(distillation_loss(logits, teacher, y, consensus), ce + 2 * entropy)  # SCE = 2 H at agreement
+
+
+def test_boost_with_distill_writes_student_and_teacher(tmp_path, capsys, resnet_dir, image_data):
+    out = tmp_path / "r"
+    args = [
+        "boost",
+        str(resnet_dir),
+        "--method",
+        "resample",
+        "--data",
+        str(image_data),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--epochs",
+        "0.5",
+        "--batch-size",
+        "16",
+        "--members",
+        "2",
+        "--bn-batches",
+        "1",
+        "--distill",
+        "--distill-epochs",
+        "0.5",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "distilled student on the select part" in capsys.readouterr().out
+    student, teacher_cfg = (json.loads((d / "config.json").read_text()) for d in (out, tmp_path / "r-teacher"))
+    assert student["num_members"] == 1 and teacher_cfg["num_members"] == 2
+    assert student["method"]["measured"]["teacher"] == str(tmp_path / "r-teacher")
+
+
+def test_distill_refuses_a_checkpoint_as_teacher(tmp_path, capsys, resnet_dir, image_data):
+    assert main(["distill", str(resnet_dir), "--data", str(image_data), "--out", str(tmp_path / "x")]) == 2
+    assert "is not an ensemble artifact" in capsys.readouterr().err
