@@ -103,9 +103,9 @@ def prepare_data(shared: Path, cache: Path) -> Path:
         with tarfile.open(shared / "data" / "cifar10-trainval.tar.gz") as tar:
             tar.extractall(cache, filter="data")
         marker.write_text("ok")
-    from posthoc.data import image_folder
+    from posthoc.data import open_split
 
-    counts = {s: len(image_folder(root, s)) for s in ("train", "val:select", "val:report")}
+    counts = {s: len(open_split(root, s)) for s in ("train", "val:select", "val:report")}
     expected = {"train": 45000, "val:select": 2000, "val:report": 3000}
     if counts != expected:
         raise SystemExit(f"unexpected CIFAR-10 layout {counts}, BENCH.md expects {expected}")
@@ -116,11 +116,11 @@ def prepare_data(shared: Path, cache: Path) -> Path:
 def parent_epoch_seconds(parent: str, data: Path) -> float:
     """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as BENCH.md says."""
     from posthoc import load_model
-    from posthoc.data import image_folder, make_loader, resolve_data_config, train_transform
+    from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
 
     model = load_model(parent)
     loader = make_loader(
-        image_folder(data, "train", train_transform(resolve_data_config(model))), 128, shuffle=True, drop_last=True
+        open_split(data, "train", train_transform(resolve_data_config(model))), 128, shuffle=True, drop_last=True
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()

@@ -26,10 +26,10 @@ def inner_holdout(data: Path, transform):
     """The second half of the select part: in val:select (2,000) but not in its first 1,000."""
     from torch.utils.data import Subset
 
-    from posthoc.data import image_folder
+    from posthoc.data import open_split
 
-    full = image_folder(data, "val:select", transform)
-    first = set(image_folder(data, "val:select", transform, select_size=1000).indices)
+    full = open_split(data, "val:select", transform)
+    first = set(open_split(data, "val:select", transform, select_size=1000).indices)
     keep = [i for i in full.indices if i not in first]
     view = Subset(full.dataset, keep)
     view.classes = full.dataset.classes

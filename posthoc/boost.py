@@ -160,8 +160,8 @@ def boost(
     labels = parents[0].pretrained_cfg.get("label_names")
     select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
     eval_tf = data_mod.eval_transform(data_config)
-    select_set = data_mod.image_folder(data, select_spec, eval_tf, label_names=labels, select_size=select_size)
-    train_set = data_mod.image_folder(data, train_split, None, label_names=labels)
+    select_set = data_mod.open_split(data, select_spec, eval_tf, label_names=labels, select_size=select_size)
+    train_set = data_mod.open_split(data, train_split, None, label_names=labels)
     for name, ds in (("training", train_set), ("validation", select_set)):
         if len(ds.classes) != parents[0].num_classes:
             raise PosthocError(
@@ -170,13 +170,13 @@ def boost(
             )
 
     def make_train_loader(batch_size, shuffle, seed, augment, subset, sample=None):
-        ds = data_mod.image_folder(
+        ds = data_mod.open_split(
             data, train_split, data_mod.train_transform(data_config, augment), label_names=labels, subset=subset
         )
         return data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle, sample=sample)
 
     def make_select_loader(batch_size, subset):
-        ds = data_mod.image_folder(data, select_spec, eval_tf, label_names=labels, select_size=select_size, subset=subset)
+        ds = data_mod.open_split(data, select_spec, eval_tf, label_names=labels, select_size=select_size, subset=subset)
         return data_mod.make_loader(ds, batch_size, workers=workers)
 
     ctx = BoostContext(

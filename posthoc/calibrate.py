@@ -103,7 +103,7 @@ def calibrate(
         module = model
     data_config = data_mod.resolve_data_config(module, preprocessing)
     select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
-    dataset = data_mod.image_folder(
+    dataset = data_mod.open_split(
         data,
         select_spec,
         data_mod.eval_transform(data_config),

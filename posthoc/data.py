@@ -1,11 +1,24 @@
-"""ImageFolder data: splits, deterministic parts and subsets, timm transforms, loaders.
+"""Data: splits of a folder, a tar or a Hugging Face dataset, deterministic parts, timm transforms, loaders.
 
-Data lives in ``DIR/<split>/<class>/<image>``. A split can be cut into two deterministic parts, the
-way ``../shared/BENCH.md`` cuts CIFAR-10's ``val/``: sort the file paths (relative to the split),
-shuffle them with ``random.Random(0)``, the first ``select_size`` are **select** (anything a method
-tunes or selects on) and the rest are **report** (what results are reported on). Write a part as
-``SPLIT:PART``, e.g. ``val:select`` or ``val:report``; the same rule is used everywhere, so a method
-that selected on ``val:select`` can never see ``val:report``.
+``--data`` is one of
+
+- a directory ``DIR/<split>/<class>/<image>`` (an ImageFolder per split, read as torchvision does);
+- a ``.tar`` of one split with one folder per class at its top level (read by timm's tar reader; the
+  split name is then ignored, only a part applies);
+- ``hfds/NAME``: a Hugging Face dataset (``pip install datasets``), split names as the Hub has them;
+- an in-memory dataset of ``{"image": PIL image, "label": int}`` records (:func:`from_records`).
+
+A split can be cut into two deterministic parts, the way ``../shared/BENCH.md`` cuts CIFAR-10's
+``val/``: sort the samples by key (the file path relative to the split for folders, the member name
+for tars, the zero-padded index for datasets without paths), shuffle them with ``random.Random(0)``,
+the first ``select_size`` are **select** (anything a method tunes or selects on) and the rest are
+**report**. Write a part as ``SPLIT:PART``, e.g. ``val:select``; the same rule is used everywhere, so
+a method that selected on ``val:select`` never sees ``val:report``.
+
+Targets follow the model's class order: when the model has label names, the data's class names must
+be the same set (any order); otherwise ``--class-map FILE`` (one class name per line, in the model's
+class order, as timm's) says which is which. An unreadable image stops with its name, or is skipped
+and counted with ``--skip-bad-images``.
 
 Preprocessing comes from the model (timm's ``pretrained_cfg``) through ``timm.data``'s
 ``resolve_data_config`` and ``create_transform``; explicit overrides win.
@@ -13,29 +26,32 @@ Preprocessing comes from the model (timm's ``pretrained_cfg``) through ``timm.da
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, SubsetRandomSampler
+from torch.utils.data import DataLoader, Dataset, Subset, SubsetRandomSampler, default_collate
 from torchvision import datasets
 from torchvision import transforms as T
 
-from .errors import PosthocError
+from .errors import PosthocError, first_line
 from .runtime import seeded_generator
 
 PARTS = ("select", "report")
 DEFAULT_SELECT_FRACTION = 0.4  # 2,000 of CIFAR-10's 5,000 val images, as BENCH.md fixes
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
 
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """``SPLIT[:PART]``: a split directory and optionally its select or report part."""
+    """``SPLIT[:PART]``: a split and optionally its select or report part."""
 
     split: str
     part: str | None = None
@@ -51,6 +67,39 @@ class SplitSpec:
 
     def __str__(self) -> str:
         return f"{self.split}:{self.part}" if self.part else self.split
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_loader_options(
+    batch_size: int | None = None, workers: int | None = None, subset: int | None = None, select_size: int | None = None
+) -> None:
+    """One line for a batch size, worker count, subset or select size that cannot work (before any work)."""
+    for name, value, least in (
+        ("--batch-size", batch_size, 1),
+        ("--workers", workers, 0),
+        ("--subset", subset, 1),
+        ("--select-size", select_size, 1),
+    ):
+        if value is not None and value < least:
+            raise PosthocError(f"{name} must be at least {least}, got {value}")
+
+
+def check_preprocessing(overrides: dict[str, Any] | None) -> None:
+    """One line for a preprocessing override that cannot work: sizes, crop fraction, interpolation, mean, std."""
+    o = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "img_size" in o and o["img_size"] < 1:
+        raise PosthocError(f"--img-size must be a positive number of pixels, got {o['img_size']}")
+    if "crop_pct" in o and not 0 < o["crop_pct"] <= 1:
+        raise PosthocError(
+            f"--crop-pct is the fraction of the resized image kept by the center crop, in (0, 1]; got {o['crop_pct']}"
+        )
+    if "interpolation" in o and o["interpolation"] not in INTERPOLATIONS:
+        raise PosthocError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{o['interpolation']}'")
+    for name in ("mean", "std"):
+        if name in o and len(o[name]) not in (1, 3):
+            raise PosthocError(f"--{name} needs one value per color channel (3, e.g. 0.5,0.5,0.5), got {len(o[name])}")
+    if "std" in o and any(v <= 0 for v in o["std"]):
+        raise PosthocError(f"--std values must be positive, got {','.join(map(str, o['std']))}")
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -100,47 +149,216 @@ def train_transform(data_config: dict[str, Any], augment: str = "light"):
     return T.Compose(steps[:to_tensor] + aug + steps[to_tensor:])
 
 
+# --------------------------------------------------------------------------------------- sources
+@dataclass
+class Source:
+    """Where the images of one split come from: sample ``keys`` (sorted for the parts), class ``targets``
+    and ``classes``, and how to ``load`` sample ``i`` (a PIL image) and ``describe`` it in an error."""
+
+    keys: list[str]
+    targets: list[int]
+    classes: list[str]
+    load: Callable[[int], Any]
+    describe: Callable[[int], str]
+    root: str
+
+
+def folder_source(folder: Path) -> Source:
+    """A class-folder split, scanned as torchvision's ``ImageFolder`` does (classes sorted by name)."""
+    try:
+        classes, class_to_idx = datasets.folder.find_classes(str(folder))
+        samples = datasets.folder.make_dataset(str(folder), class_to_idx, extensions=datasets.folder.IMG_EXTENSIONS)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise PosthocError(f"no images in {folder}: expected {folder}/<class>/<image> (jpg, png, ...)") from e
+    paths = [p for p, _ in samples]
+    return Source(
+        keys=[Path(p).relative_to(folder).as_posix() for p in paths],
+        targets=[t for _, t in samples],
+        classes=classes,
+        load=lambda i: datasets.folder.pil_loader(paths[i]),
+        describe=lambda i: paths[i],
+        root=str(folder),
+    )
+
+
+def tar_source(archive: Path) -> Source:
+    """A ``.tar`` of one split, class folders at its top level (timm's ``ReaderImageInTar``)."""
+    from PIL import Image
+    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+    try:
+        reader = ReaderImageInTar(str(archive))
+    except Exception as e:  # tarfile, empty archive, no class folders
+        raise PosthocError(
+            f"cannot read {archive} as a tar of class folders ({first_line(e)}); expect <class>/<image> at its top level"
+        ) from e
+    if len(reader) == 0:
+        raise PosthocError(f"{archive} holds no images; expect <class>/<image> at its top level")
+    classes = [reader.class_idx_to_name[i] for i in range(len(reader.class_idx_to_name))]
+    return Source(
+        keys=[reader.filename(i) for i in range(len(reader))],
+        targets=[int(t) for t in reader.targets],
+        classes=classes,
+        load=lambda i: Image.open(reader[i][0]).convert("RGB"),
+        describe=lambda i: f"{archive}:{reader.filename(i)}",
+        root=str(archive),
+    )
+
+
+def records_source(
+    records: Sequence[dict], classes: Sequence[str], name: str = "dataset", image_key: str = "image", label_key: str = "label"
+) -> Source:
+    """A sequence of ``{image_key: PIL image or bytes, label_key: int}`` records (a Hugging Face dataset, or a
+    list); keys are the zero-padded indices, so the parts follow index order."""
+    import io
+
+    from PIL import Image
+
+    def load(i: int):
+        image = records[i][image_key]
+        if isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, dict) and "bytes" in image:
+            image = Image.open(io.BytesIO(image["bytes"]))
+        return image.convert("RGB")
+
+    n = len(records)
+    return Source(
+        keys=[f"{i:012d}" for i in range(n)],
+        targets=[int(records[i][label_key]) for i in range(n)],
+        classes=list(classes),
+        load=load,
+        describe=lambda i: f"{name}[{i}]",
+        root=name,
+    )
+
+
+def hfds_source(name: str, split: str) -> Source:
+    """``hfds/NAME``: a Hugging Face dataset split, through the ``datasets`` library (optional)."""
+    try:
+        import datasets as hf_datasets
+    except ImportError as e:
+        raise PosthocError("hfds/ data needs the datasets library: pip install 'posthoc[hfds]'") from e
+    try:
+        ds = hf_datasets.load_dataset(name, split=split)
+    except Exception as e:  # unknown name, split, no network
+        raise PosthocError(f"cannot load Hugging Face dataset '{name}' split '{split}': {first_line(e)}") from e
+    image_key = next((k for k in ("image", "img", "pixel_values") if k in ds.column_names), None)
+    label_key = next((k for k in ("label", "labels", "fine_label") if k in ds.column_names), None)
+    if image_key is None or label_key is None:
+        raise PosthocError(f"Hugging Face dataset '{name}' has no image and label columns (it has {', '.join(ds.column_names)})")
+    feature = ds.features[label_key]
+    classes = list(getattr(feature, "names", None) or [str(i) for i in range(max(ds[label_key]) + 1)])
+    return records_source(ds, classes, name=f"hfds/{name}", image_key=image_key, label_key=label_key)
+
+
+def open_source(data: str | Path, split: str) -> Source:
+    """The :class:`Source` of ``split`` in ``data`` (a directory, a .tar, or hfds/NAME)."""
+    text = str(data)
+    if text.startswith("hfds/"):
+        return hfds_source(text[len("hfds/") :], split)
+    root = Path(text)
+    if root.is_file() and root.suffix == ".tar":
+        return tar_source(root)
+    if not root.is_dir():
+        raise PosthocError(f"data directory {root} does not exist; pass --data DIR with DIR/<split>/<class>/*, a .tar, or hfds/NAME")
+    folder = root / split
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise PosthocError(
+            f"split '{split}' not found in {root} (it has: {', '.join(found) or 'no folders'}); expected DIR/<split>/<class>/<image>"
+        )
+    return folder_source(folder)
+
+
 # --------------------------------------------------------------------------------------- datasets
-def image_folder(
-    root: str | Path,
+_SKIPPED: Any = None  # shared with DataLoader workers (created before they fork)
+
+
+def skipped_images() -> int:
+    """Unreadable images skipped so far in this process and its loader workers (``--skip-bad-images``)."""
+    return 0 if _SKIPPED is None else int(_SKIPPED.value)
+
+
+class ImageSet(Dataset):
+    """The images of one split with targets in the model's class order; unreadable images are named, or
+    skipped (``None``, dropped by the loader) when ``skip_bad``."""
+
+    def __init__(self, source: Source, transform=None, skip_bad: bool = False):
+        global _SKIPPED
+        self.source, self.transform, self.skip_bad = source, transform, skip_bad
+        self.keys, self.targets, self.classes = source.keys, list(source.targets), list(source.classes)
+        self.root = source.root
+        if skip_bad and _SKIPPED is None:
+            _SKIPPED = multiprocessing.Value("i", 0)
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """``(description, target)`` per sample (the file path for folders), as torchvision's ImageFolder."""
+        return [(self.source.describe(i), t) for i, t in enumerate(self.targets)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.source.load(i)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, corrupt, not an image, too large
+            where = self.source.describe(i)
+            if not self.skip_bad:
+                raise PosthocError(
+                    f"cannot read image {where} ({first_line(e)}); replace or remove it, or pass --skip-bad-images to skip "
+                    "unreadable images"
+                ) from None
+            with _SKIPPED.get_lock():
+                _SKIPPED.value += 1
+            print(f"warning: skipped unreadable image {where} ({first_line(e)})", file=sys.stderr)
+            return None
+        return (self.transform(image) if self.transform is not None else image), self.targets[i]
+
+    def relabel(self, classes: Sequence[str]) -> None:
+        """Make targets index ``classes`` (the model's order); every class of the data must be among them."""
+        missing = [c for c in self.classes if c not in classes]
+        if missing:
+            raise PosthocError(f"classes {', '.join(missing[:3])} of the data are not in the class map")
+        position = {c: i for i, c in enumerate(classes)}
+        remap = [position[c] for c in self.classes]
+        self.targets = [remap[t] for t in self.targets]
+        self.classes = list(classes)
+
+
+def open_split(
+    data: str | Path,
     split: str | SplitSpec,
     transform=None,
     *,
     label_names: Sequence[str] | None = None,
+    class_map: str | Path | None = None,
     select_size: int | None = None,
     subset: int | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
-    """The images of ``root/split`` (optionally one part of it, optionally a deterministic subset).
+    """The images of ``split`` in ``data`` (optionally one part of it, optionally a deterministic subset).
 
     Args:
-        root: dataset directory holding one folder per split.
+        data: a directory of splits, a .tar of one split, ``hfds/NAME``, or a :class:`Source`.
         split: ``"val"``, ``"val:select"``, ``"val:report"`` or a :class:`SplitSpec`.
         transform: applied to each PIL image.
-        label_names: the model's class names; when the folder's classes are the same set in another
-            order, targets follow the model's order.
+        label_names: the model's class names: the data's classes must be the same set (targets then
+            follow the model's order), unless ``class_map`` says otherwise.
+        class_map: a file with one class name per line, in the model's class order (timm's format).
         select_size: images in the select part (default 40% of the split).
-        subset: keep only this many images, a fixed random sample (seed 0) in file order.
+        subset: keep only this many images, a fixed random sample (seed 0) in sample order.
+        skip_bad: skip unreadable images (counted, see :func:`skipped_images`) instead of stopping.
     """
     spec = split if isinstance(split, SplitSpec) else SplitSpec.parse(split)
-    root = Path(root)
-    if not root.is_dir():
-        raise PosthocError(f"data directory {root} does not exist; pass --data DIR with DIR/<split>/<class>/*")
-    folder = root / spec.split
-    if not folder.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise PosthocError(
-            f"split '{spec.split}' not found in {root} (it has: {', '.join(found) or 'no folders'}); "
-            "expected DIR/<split>/<class>/<image>"
-        )
-    try:
-        dataset = datasets.ImageFolder(str(folder), transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise PosthocError(f"no images in {folder}: expected {folder}/<class>/<image> (jpg, png, ...)") from e
-    _align_labels(dataset, label_names)
-    indices = part_indices(dataset, spec.part, select_size)
+    source = data if isinstance(data, Source) else open_source(data, spec.split)
+    dataset = ImageSet(source, transform, skip_bad=skip_bad)
+    align_labels(dataset, label_names, class_map)
+    indices = part_indices(dataset.keys, spec.part, select_size)
     if subset is not None:
         if subset <= 0:
-            raise PosthocError(f"--subset must be positive, got {subset}")
+            raise PosthocError(f"--subset must be at least 1, got {subset}")
         if subset < len(indices):
             keep = sorted(random.Random(0).sample(range(len(indices)), subset))
             indices = [indices[i] for i in keep]
@@ -151,18 +369,21 @@ def image_folder(
     return view
 
 
-def part_indices(dataset: datasets.ImageFolder, part: str | None, select_size: int | None = None) -> list[int]:
-    """Indices of the select or report part (BENCH.md rule); all indices for ``part=None``."""
-    n = len(dataset)
+def from_records(records: Sequence[dict], classes: Sequence[str], **kwargs: Any) -> Source:
+    """A :class:`Source` of in-memory ``{"image": ..., "label": ...}`` records, for :func:`open_split`."""
+    return records_source(records, classes, **kwargs)
+
+
+def part_indices(keys: Sequence[str], part: str | None, select_size: int | None = None) -> list[int]:
+    """Indices of the select or report part (BENCH.md rule over sorted keys); all indices for ``part=None``."""
+    n = len(keys)
     if part is None:
         return list(range(n))
-    root = Path(dataset.root)
-    rel = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
-    order = sorted(range(n), key=rel.__getitem__)
+    order = sorted(range(n), key=keys.__getitem__)
     random.Random(0).shuffle(order)
     k = default_select_size(n) if select_size is None else select_size
     if not 0 < k < n:
-        raise PosthocError(f"select size {k} must be between 1 and {n - 1} for a split of {n} images")
+        raise PosthocError(f"--select-size {k} must be between 1 and {n - 1} for a split of {n} images")
     chosen = order[:k] if part == "select" else order[k:]
     return sorted(chosen)
 
@@ -172,18 +393,46 @@ def default_select_size(n: int) -> int:
     return max(1, round(DEFAULT_SELECT_FRACTION * n))
 
 
-def _align_labels(dataset: datasets.ImageFolder, label_names: Sequence[str] | None) -> None:
-    if not label_names or sorted(label_names) != sorted(dataset.classes) or list(label_names) == dataset.classes:
+def read_class_map(path: str | Path) -> list[str]:
+    """Class names in the model's class order, one per line (timm's ``--class-map`` format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PosthocError(f"class map {path} does not exist; give a text file with one class name per line")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names) or not names:
+        raise PosthocError(f"class map {path} must list each class name once, one per line")
+    return names
+
+
+def align_labels(dataset: ImageSet, label_names: Sequence[str] | None, class_map: str | Path | None = None) -> None:
+    """Targets in the model's class order: by ``class_map`` when given, else by the model's label names (the
+    same set as the data's classes, any order); a one-line error names the first mismatches."""
+    if class_map is not None:
+        dataset.relabel(read_class_map(class_map))
         return
-    remap = {dataset.class_to_idx[name]: i for i, name in enumerate(label_names)}
-    dataset.samples = [(p, remap[t]) for p, t in dataset.samples]
-    dataset.imgs = dataset.samples
-    dataset.targets = [remap[t] for t in dataset.targets]
-    dataset.classes = list(label_names)
-    dataset.class_to_idx = {c: i for i, c in enumerate(label_names)}
+    if not label_names or list(label_names) == dataset.classes:
+        return
+    if sorted(label_names) != sorted(dataset.classes):
+        extra = [c for c in dataset.classes if c not in label_names]
+        absent = [c for c in label_names if c not in dataset.classes]
+        raise PosthocError(
+            f"the data's classes do not match the model's label names: {', '.join(extra[:3]) or 'none'} "
+            f"{'is' if len(extra) == 1 else 'are'} not among them and {', '.join(absent[:3]) or 'none'} "
+            f"{'is' if len(absent) == 1 else 'are'} missing; rename the class folders, or pass --class-map FILE "
+            "(the data's class names, one per line, in the model's class order)"
+        )
+    dataset.relabel(label_names)
 
 
 # ---------------------------------------------------------------------------------------- loaders
+def collate_readable(batch: list) -> Any:
+    """``default_collate`` of the samples that could be read (``--skip-bad-images`` gives ``None`` for the others)."""
+    items = [b for b in batch if b is not None]
+    if not items:
+        raise PosthocError(f"none of {len(batch)} images in a batch could be read; check the data (see the warnings above)")
+    return default_collate(items)
+
+
 def default_workers() -> int:
     """DataLoader workers: one per spare core, at most 8 (the main process runs the model)."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
@@ -214,6 +463,7 @@ def make_loader(
     drop_last = drop_last and (len(dataset) if sample is None else len(sample)) > batch_size  # never drop the only batch
     return DataLoader(
         dataset,
+        collate_fn=collate_readable,
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,

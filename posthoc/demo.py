@@ -55,13 +55,13 @@ def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0) -> Path
     import timm
     from timm.models import save_for_hf
 
-    from .data import image_folder, make_loader, resolve_data_config, train_transform
+    from .data import make_loader, open_split, resolve_data_config, train_transform
     from .training import cycle, train_steps
 
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=10, pretrained_cfg_overlay=dict(DIGITS_CFG))
     cfg = resolve_data_config(model)
-    ds = image_folder(data, "train", train_transform(cfg, "light"))
+    ds = open_split(data, "train", train_transform(cfg, "light"))
     loader = make_loader(ds, 64, shuffle=True, seed=seed, workers=0, drop_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = epochs * len(loader)
@@ -84,7 +84,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Write the digits, train a parent, boost it with ``method``, evaluate both on held-out digits."""
     from .boost import boost
-    from .data import eval_transform, image_folder, make_loader, resolve_data_config
+    from .data import eval_transform, make_loader, open_split, resolve_data_config
     from .evaluate import evaluate
     from .methods import get_method
     from .sources import load_artifact, load_model
@@ -113,7 +113,7 @@ def run_demo(
         **config,
     )
     parent = load_model(str(parent_dir))
-    report = image_folder(data, "val:report", eval_transform(resolve_data_config(parent)))
+    report = open_split(data, "val:report", eval_transform(resolve_data_config(parent)))
     loader = make_loader(report, 256, workers=0)
     results = {
         "parent": evaluate(parent, loader, show_progress=False),

@@ -158,10 +158,10 @@ def distill(
     if select_size is None and tuned.get("tuned_on", "").partition(":")[0] == data_mod.SplitSpec.parse(val_split).split:
         select_size = tuned.get("select_size")
     select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
-    select_set = data_mod.image_folder(
+    select_set = data_mod.open_split(
         data, select_spec, data_mod.eval_transform(data_config), label_names=labels, select_size=select_size
     )
-    train_set = data_mod.image_folder(data, train_split, data_mod.train_transform(data_config, cfg.augment), label_names=labels)
+    train_set = data_mod.open_split(data, train_split, data_mod.train_transform(data_config, cfg.augment), label_names=labels)
     select_loader = data_mod.make_loader(select_set, 256, workers=workers)
     seed_everything(cfg.seed)
 

@@ -14,6 +14,9 @@ class PosthocError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
+        # raised in a DataLoader worker, it comes back wrapped with the worker's traceback: keep our line
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(" ".join(message.split()))
 
 

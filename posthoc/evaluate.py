@@ -66,7 +66,7 @@ def evaluate_spec(
     if warning:
         warn(warning)
     data_config = data_mod.resolve_data_config(net, preprocessing)
-    dataset = data_mod.image_folder(
+    dataset = data_mod.open_split(
         data,
         part,
         data_mod.eval_transform(data_config),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from posthoc.cli import main
-from posthoc.data import eval_transform, image_folder, resolve_data_config
+from posthoc.data import eval_transform, open_split, resolve_data_config
 from posthoc.sources import load_model
 
 
@@ -57,7 +57,7 @@ def test_eval_matches_a_direct_timm_computation(capsys, tmp_path, resnet_dir, im
     assert result["img_size"] == 32 and result["crop_pct"] == 1.0 and result["interpolation"] == "bilinear"
     # the same numbers computed directly with timm's transforms
     model = load_model(str(resnet_dir))
-    ds = image_folder(image_data, "val", eval_transform(resolve_data_config(model)))
+    ds = open_split(image_data, "val", eval_transform(resolve_data_config(model)))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor(ds.targets)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from posthoc import PosthocError
-from posthoc.data import SplitSpec, image_folder, resolve_data_config, train_transform
+from posthoc.data import SplitSpec, open_split, resolve_data_config, train_transform
 
 from .helpers import tiny_model
 
@@ -20,25 +20,25 @@ def paths(ds):
 
 
 def test_select_and_report_follow_bench_rule(image_data):
-    full = paths(image_folder(image_data, "val"))
+    full = paths(open_split(image_data, "val"))
     order = sorted(full)
     random.Random(0).shuffle(order)
-    select = paths(image_folder(image_data, "val:select"))
-    report = paths(image_folder(image_data, "val:report"))
+    select = paths(open_split(image_data, "val:select"))
+    report = paths(open_split(image_data, "val:report"))
     assert len(select) == round(0.4 * len(full)) == 24
     assert set(select) == set(order[:24]) and set(report) == set(order[24:])
     assert not set(select) & set(report)
-    assert paths(image_folder(image_data, "val:select", select_size=10)) == sorted(order[:10], key=full.index)
+    assert paths(open_split(image_data, "val:select", select_size=10)) == sorted(order[:10], key=full.index)
 
 
 def test_subset_is_deterministic_and_sized(image_data):
-    a = paths(image_folder(image_data, "train", subset=17))
-    b = paths(image_folder(image_data, "train", subset=17))
+    a = paths(open_split(image_data, "train", subset=17))
+    b = paths(open_split(image_data, "train", subset=17))
     assert a == b and len(a) == 17 and len(set(a)) == 17
 
 
 def test_targets_follow_model_label_names(image_data):
-    ds = image_folder(image_data, "val", label_names=["stripes", "square", "circle"])
+    ds = open_split(image_data, "val", label_names=["stripes", "square", "circle"])
     assert ds.classes == ["stripes", "square", "circle"]
     path, target = ds.samples[0]
     assert Path(path).parent.name == ds.classes[target]
@@ -53,25 +53,25 @@ def test_preprocessing_comes_from_model_and_overrides_win():
 
 
 def test_light_train_transform_keeps_input_size(image_data):
-    ds = image_folder(image_data, "train", train_transform(resolve_data_config(tiny_model())))
+    ds = open_split(image_data, "train", train_transform(resolve_data_config(tiny_model())))
     assert ds[0][0].shape == (3, 32, 32)
 
 
 def test_missing_data_directory(tmp_path):
     with pytest.raises(PosthocError, match="does not exist; pass --data"):
-        image_folder(tmp_path / "nope", "val")
+        open_split(tmp_path / "nope", "val")
 
 
 def test_missing_split_lists_available(image_data):
     with pytest.raises(PosthocError, match="split 'test' not found .*it has: train, val"):
-        image_folder(image_data, "test")
+        open_split(image_data, "test")
 
 
 def test_split_without_images(tmp_path):
     (tmp_path / "val" / "cat").mkdir(parents=True)
     (tmp_path / "val" / "cat" / "notes.txt").write_text("no images here")
     with pytest.raises(PosthocError, match="no images in"):
-        image_folder(tmp_path, "val")
+        open_split(tmp_path, "val")
 
 
 def test_bad_split_part():

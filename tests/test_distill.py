@@ -10,7 +10,7 @@ import torch
 
 import posthoc
 from posthoc.cli import main
-from posthoc.data import eval_transform, image_folder, make_loader, resolve_data_config
+from posthoc.data import eval_transform, make_loader, open_split, resolve_data_config
 from posthoc.distill import DistillConfig, distill, distillation_loss
 
 from .helpers import save_hub_layout, tiny_model
@@ -23,7 +23,7 @@ def _trained(seed: int, data):
 
     model = tiny_model("test_resnet", seed=seed)
     loader = make_loader(
-        image_folder(data, "train", train_transform(resolve_data_config(model))),
+        open_split(data, "train", train_transform(resolve_data_config(model))),
         16,
         shuffle=True,
         seed=seed,
@@ -47,7 +47,7 @@ def teacher(tmp_path_factory, image_data):
 def _kl_to_teacher(student_dir, teacher_dir, data) -> float:
     teacher = posthoc.load(teacher_dir)
     student = posthoc.load_model(str(student_dir))
-    loader = make_loader(image_folder(data, "val:report", eval_transform(resolve_data_config(teacher))), 64, workers=0)
+    loader = make_loader(open_split(data, "val:report", eval_transform(resolve_data_config(teacher))), 64, workers=0)
     total, n = 0.0, 0
     with torch.no_grad():
         for x, _ in loader:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.datasets import DatasetFolder
 
 from posthoc import PosthocError
 from posthoc.boost import boost
 from posthoc.cli import main
+from posthoc.data import ImageSet
 from posthoc.methods.noisy import Child, ChildScorer, Mutator, kl_to_parent, mutable_tensors, population_plan, search_sigma
 
 from .helpers import assert_same_artifact, tiny_model
@@ -59,11 +59,11 @@ def test_last_layers_keep_only_last_blocks_and_classifier():
 
 
 def test_bisection_hits_target_kl_within_ten_percent(image_data):
-    from posthoc.data import eval_transform, image_folder, resolve_data_config
+    from posthoc.data import eval_transform, open_split, resolve_data_config
     from posthoc.training import materialize as collect_inputs
 
     parent = tiny_model("test_resnet", seed=2)
-    ds = image_folder(image_data, "val", eval_transform(resolve_data_config(parent)))
+    ds = open_split(image_data, "val", eval_transform(resolve_data_config(parent)))
     x, y = collect_inputs(torch.utils.data.DataLoader(ds, batch_size=30))
     names = mutable_tensors(parent)
     scorer = ChildScorer(parent, names, x, y, torch.device("cpu"))
@@ -113,21 +113,21 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
 
 
 def test_selection_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, image_data):
-    from posthoc.data import image_folder
+    from posthoc.data import open_split
 
     report = {
         Path(p).name + Path(p).parent.name
-        for p, _ in (image_folder(image_data, "val").samples[i] for i in image_folder(image_data, "val:report").indices)
+        for p, _ in (open_split(image_data, "val").samples[i] for i in open_split(image_data, "val:report").indices)
     }
     seen = []
-    original = DatasetFolder.__getitem__
+    original = ImageSet.__getitem__
 
     def spy(self, index):
-        path = self.samples[index][0]
+        path = self.source.describe(index)
         seen.append(Path(path))
         return original(self, index)
 
-    monkeypatch.setattr(DatasetFolder, "__getitem__", spy)
+    monkeypatch.setattr(ImageSet, "__getitem__", spy)
     _boost(resnet_dir, image_data, tmp_path / "a", bn_recalibrate=True, bn_batches=1)
     val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
     assert val_seen and not (val_seen & report)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from posthoc import PosthocError
 from posthoc.boost import boost
 from posthoc.cli import main
-from posthoc.data import image_folder, make_loader, resolve_data_config, train_transform
+from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
 from posthoc.methods import BoostContext
 from posthoc.methods.resample import (
     Resample,
@@ -178,7 +178,7 @@ def test_bn_statistics_change_after_recalibration(tmp_path, resnet_dir, image_da
     # the stored statistics are update_bn's over the first 2 training batches (eval transform) of seed 1
     model = tiny_model("test_resnet")
     model.load_state_dict(k)
-    ds = image_folder(image_data, "train", train_transform(resolve_data_config(model), "none"))
+    ds = open_split(image_data, "train", train_transform(resolve_data_config(model), "none"))
     loader = make_loader(ds, 128, shuffle=True, seed=1, workers=0, drop_last=True)
     torch.optim.swa_utils.update_bn((x for x, _ in loader), model)
     for n in bn_keys:
@@ -242,7 +242,7 @@ def test_parent_is_left_untouched(image_data):
 
     def train_loader(batch_size, shuffle, seed, augment, subset):
         return make_loader(
-            image_folder(image_data, "train", train_transform(dc, augment)),
+            open_split(image_data, "train", train_transform(dc, augment)),
             batch_size,
             shuffle=shuffle,
             seed=seed,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.datasets import DatasetFolder
 
 from posthoc import PosthocError
 from posthoc.artifact import read
 from posthoc.boost import boost
 from posthoc.cli import main
+from posthoc.data import ImageSet
 from posthoc.methods.base import make_config
 from posthoc.methods.sparse import Annealer, Masked, SparseConfig, group_masks, prunable_tensors
 
@@ -140,20 +140,20 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
 
 
 def test_tuning_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, image_data):
-    from posthoc.data import image_folder
+    from posthoc.data import open_split
 
     report = {
         Path(p).name + Path(p).parent.name
-        for p, _ in (image_folder(image_data, "val").samples[i] for i in image_folder(image_data, "val:report").indices)
+        for p, _ in (open_split(image_data, "val").samples[i] for i in open_split(image_data, "val:report").indices)
     }
     seen = []
-    original = DatasetFolder.__getitem__
+    original = ImageSet.__getitem__
 
     def spy(self, index):
-        seen.append(Path(self.samples[index][0]))
+        seen.append(Path(self.source.describe(index)))
         return original(self, index)
 
-    monkeypatch.setattr(DatasetFolder, "__getitem__", spy)
+    monkeypatch.setattr(ImageSet, "__getitem__", spy)
     _boost(resnet_dir, image_data, tmp_path / "a", members=2)
     val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
     assert val_seen and not (val_seen & report)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.datasets import DatasetFolder
 
 import posthoc
 from posthoc import PosthocError
 from posthoc.artifact import read
 from posthoc.boost import boost
 from posthoc.cli import main
+from posthoc.data import ImageSet
 from posthoc.graph import Cut
 from posthoc.methods._layerwise import Retrainer
 from posthoc.methods.supernet import coupling_init
@@ -186,20 +186,20 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, parent_dirs, image_dat
 
 
 def test_training_never_reads_report_images(tmp_path, monkeypatch, parent_dirs, image_data):
-    from posthoc.data import image_folder
+    from posthoc.data import open_split
 
-    val = image_folder(image_data, "val")
+    val = open_split(image_data, "val")
     report = {
-        Path(val.samples[i][0]).name + Path(val.samples[i][0]).parent.name for i in image_folder(image_data, "val:report").indices
+        Path(val.samples[i][0]).name + Path(val.samples[i][0]).parent.name for i in open_split(image_data, "val:report").indices
     }
     seen = []
-    original = DatasetFolder.__getitem__
+    original = ImageSet.__getitem__
 
     def spy(self, index):
-        seen.append(Path(self.samples[index][0]))
+        seen.append(Path(self.source.describe(index)))
         return original(self, index)
 
-    monkeypatch.setattr(DatasetFolder, "__getitem__", spy)
+    monkeypatch.setattr(ImageSet, "__getitem__", spy)
     _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "a", copies=2, **FAST_SN)
     val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
     assert val_seen and not (val_seen & report)
