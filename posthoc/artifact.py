@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from .card import render_card
 from .ensemble import Combine, Ensemble, MemberGroup, Provenance
 from .errors import PosthocError, first_line
 from .fused import EnsembleModule
+from .paths import ensure_writable, os_errors, public_mode, remove_stale_siblings, temporary_sibling
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -46,26 +46,42 @@ CARD = "README.md"
 FILES = (CONFIG, WEIGHTS, CARD)
 
 
-def save(ensemble: Ensemble, out: str | Path, provenance: Provenance | None = None, *, overwrite: bool = False) -> Path:
-    """Write ``ensemble`` and how it was made (``provenance``) to the directory ``out`` atomically; return ``out``."""
+def save(
+    ensemble: Ensemble,
+    out: str | Path,
+    provenance: Provenance | None = None,
+    *,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``ensemble`` and how it was made (``provenance``) to the directory ``out`` atomically; return ``out``.
+
+    ``dtype`` stores the floating tensors in that dtype (default: as they are). Temporary directories of
+    earlier writes to ``out`` whose process is gone are removed first.
+    """
     out = Path(out)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_stale_siblings(out)
+    with os_errors(f"writing the artifact {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(out)
+        tmp.mkdir()
     try:
-        tensors = _tensors(ensemble)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a deterministic header
-        config = _config(ensemble, provenance or Provenance(), tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / CARD).write_text(render_card(config))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with os_errors(f"writing the artifact {out}"):
+            tensors = _tensors(ensemble, dtype)
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a deterministic header
+            config = _config(ensemble, provenance or Provenance(), tmp / WEIGHTS)
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / CARD).write_text(render_card(config))
+            for name in FILES:
+                public_mode(tmp / name)
+            if out.exists():
+                old = temporary_sibling(out, "old")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,13 +89,22 @@ def save(ensemble: Ensemble, out: str | Path, provenance: Provenance | None = No
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``overwrite``, and never overwrite what is not an artifact."""
+    """Before any work: ``out`` must be writable, absent or (with ``overwrite``) an artifact holding nothing
+    but posthoc's own files, so that replacing it never deletes anything a user put there."""
+    out = Path(out)
+    ensure_writable(out, "artifact directory")
     if not out.exists():
         return
     if not overwrite:
         raise PosthocError(f"output {out} already exists; pass --overwrite or choose another --out")
     if not out.is_dir() or (any(out.iterdir()) and not is_artifact_dir(out)):
         raise PosthocError(f"--overwrite replaces artifacts only, and {out} is not one; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in FILES)
+    if foreign:
+        raise PosthocError(
+            f"{out} also holds files posthoc did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            "move them out or choose another --out, since --overwrite replaces the whole directory"
+        )
 
 
 def read(path: str | Path) -> tuple[Ensemble, dict[str, Any]]:
@@ -112,6 +137,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The artifact's ``config.json``, checked to be a posthoc artifact of a readable format version."""
     path = Path(path)
     file = path / CONFIG
+    if not path.exists():
+        raise PosthocError(f"artifact {path} does not exist; check the path")
     if not file.is_file():
         raise PosthocError(f"{path} is not a posthoc artifact (no {CONFIG})")
     try:
@@ -277,13 +304,17 @@ def _module_summary(names: list[str], limit: int = 6) -> str:
 
 
 # ------------------------------------------------------------------------------------- internals
-def _tensors(ensemble: Ensemble) -> dict[str, torch.Tensor]:
+def _tensors(ensemble: Ensemble, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+
     out: dict[str, torch.Tensor] = {}
     for g, group in enumerate(ensemble.groups):
         for name, t in group.shared.items():
-            out[f"groups.{g}.shared.{name}"] = t.detach().cpu().contiguous()
+            out[f"groups.{g}.shared.{name}"] = stored(t)
         for name, t in group.member_tensors.items():
-            out[f"groups.{g}.members.{name}"] = t.detach().cpu().contiguous()
+            out[f"groups.{g}.members.{name}"] = stored(t)
     if ensemble.combine.coupling_weight is not None:
         out["coupling.weight"] = ensemble.combine.coupling_weight.detach().cpu().contiguous()
         out["coupling.bias"] = ensemble.combine.coupling_bias.detach().cpu().contiguous()

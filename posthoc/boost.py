@@ -27,8 +27,9 @@ from .evaluate import evaluate, headline
 from .fused import EnsembleModule
 from .methods import BoostContext, get_method, make_config
 from .methods.base import Stopwatch
-from .runtime import resolve_device, seed_everything
-from .sources import is_artifact, load_model, member_name
+from .paths import ensure_writable
+from .runtime import resolve_device, resolve_dtype, seed_everything
+from .sources import is_artifact, load_model, member_name, storage_dtype
 
 
 def default_out(specs: list[str], method: str) -> Path:
@@ -38,6 +39,11 @@ def default_out(specs: list[str], method: str) -> Path:
         r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if Path(name).suffix in (".safetensors", ".pth", ".pt", ".bin") else name
     )
     return Path("runs") / f"{name}-{method}"
+
+
+def runner_outputs(cfg: Any) -> list[Path]:
+    """Files a method's options ask it to write besides the artifact (checked writable before any work)."""
+    return [Path(v) for k, v in vars(cfg).items() if k.startswith("save_") and v]
 
 
 def check_label_space(specs: Sequence[str], models: Sequence[nn.Module]) -> None:
@@ -104,6 +110,10 @@ def boost(
     temperature_scaling: bool = True,
     inference_budget: float | None = None,
     distill: DistillConfig | None = None,
+    subset: int | None = None,
+    class_map: str | Path | None = None,
+    skip_bad_images: bool = False,
+    dtype: str = "auto",
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
@@ -127,7 +137,12 @@ def boost(
             (``Method.fit_budget``), and options given explicitly in ``config`` override it with a note.
         distill: distil the artifact into one network as the final step (:mod:`posthoc.distill`): the
             student is written to ``out`` and the ensemble it learned from to ``<out>-teacher``.
-        warn: where deprecation lines go (default: Python warnings).
+        subset: use a fixed random sample of this many training images (and at most as many select
+            images), for a quick look.
+        class_map: a file naming the data's classes in the model's class order (see :mod:`posthoc.data`).
+        skip_bad_images: skip unreadable images (counted) instead of stopping at the first.
+        dtype: the dtype the artifact stores its weights in; ``auto`` keeps the parent checkpoint's.
+        warn: where deprecation lines and warnings go (default: Python warnings).
         **config: the method's hyper-parameters (its ``Config`` fields).
 
     Returns:
@@ -145,14 +160,21 @@ def boost(
         most = method_cls.max_parents
         allowed = f"{method_cls.min_parents}" + ("" if most == method_cls.min_parents else f" to {most or 'any number of'}")
         raise PosthocError(f"method '{method}' takes {allowed} model(s), got {len(models)}")
+    data_mod.check_loader_options(workers=workers, subset=subset, select_size=select_size)
+    data_mod.check_preprocessing(preprocessing)
+    if dtype != "auto":
+        resolve_dtype(dtype)
     out = Path(out) if out is not None else default_out(models, method)
     final_out = out
     if distill is not None:
         out = out.with_name(f"{out.name}-teacher")
         check_output(final_out, overwrite)
     check_output(out, overwrite)  # before any work, not after an hour of it
+    for extra in runner_outputs(cfg):
+        ensure_writable(extra, "output file")
     dev = resolve_device(device)
-    parents = [load_model(spec, arch=arch, num_classes=num_classes).to(dev) for spec in models]
+    log(f"loading {', '.join(models)} ...")
+    parents = [load_model(spec, arch=arch, num_classes=num_classes, warn=warn).to(dev) for spec in models]
     if any(getattr(p, "returns_probabilities", False) for p in parents):
         raise PosthocError("boost starts from checkpoints, not from an ensemble artifact; pass the model it was built from")
     check_label_space(models, parents)
@@ -160,23 +182,31 @@ def boost(
     labels = parents[0].pretrained_cfg.get("label_names")
     select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
     eval_tf = data_mod.eval_transform(data_config)
-    select_set = data_mod.open_split(data, select_spec, eval_tf, label_names=labels, select_size=select_size)
-    train_set = data_mod.open_split(data, train_split, None, label_names=labels)
+    log(f"indexing {data} ...")
+    train_source = data_mod.open_source(data, data_mod.SplitSpec.parse(train_split).split)
+    select_source = data_mod.open_source(data, select_spec.split)
+    options = {"label_names": labels, "class_map": class_map, "skip_bad": skip_bad_images}
+    select_set = data_mod.open_split(select_source, select_spec, eval_tf, select_size=select_size, subset=subset, **options)
+    train_set = data_mod.open_split(train_source, train_split, None, subset=subset, **options)
     for name, ds in (("training", train_set), ("validation", select_set)):
         if len(ds.classes) != parents[0].num_classes:
             raise PosthocError(
-                f"the model predicts {parents[0].num_classes} classes but the {name} data has {len(ds.classes)} class folders; "
-                f"pass --num-classes {len(ds.classes)} to re-head it, or point --data at its label space"
+                f"the model predicts {parents[0].num_classes} classes but the {name} data has {len(ds.classes)} classes; "
+                "point --data at its label space, or map the data's classes with --class-map FILE"
             )
+    log(f"{len(train_set)} training images, {len(select_set)} select images of {select_spec}")
+
+    quick_look = subset
 
     def make_train_loader(batch_size, shuffle, seed, augment, subset, sample=None):
-        ds = data_mod.open_split(
-            data, train_split, data_mod.train_transform(data_config, augment), label_names=labels, subset=subset
-        )
+        tf = data_mod.train_transform(data_config, augment)
+        ds = data_mod.open_split(train_source, train_split, tf, subset=subset or quick_look, **options)
         return data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle, sample=sample)
 
     def make_select_loader(batch_size, subset):
-        ds = data_mod.open_split(data, select_spec, eval_tf, label_names=labels, select_size=select_size, subset=subset)
+        ds = data_mod.open_split(
+            select_source, select_spec, eval_tf, select_size=select_size, subset=subset or quick_look, **options
+        )
         return data_mod.make_loader(ds, batch_size, workers=workers)
 
     ctx = BoostContext(
@@ -237,7 +267,10 @@ def boost(
         metrics={str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics},
         command=command,
     )
-    save(ensemble, out, provenance, overwrite=overwrite)
+    log(f"writing {out} ...")
+    save(ensemble, out, provenance, overwrite=overwrite, dtype=storage_dtype(parents, dtype))
+    if skip_bad_images and data_mod.skipped_images():
+        (warn or log)(f"skipped {data_mod.skipped_images()} unreadable image(s) (see the warnings above)")
     student = None
     if distill is not None:
         student = distill_artifact(

@@ -73,6 +73,8 @@ def calibrate(
     workers: int | None = None,
     preprocessing: dict[str, Any] | None = None,
     overwrite: bool = False,
+    class_map: str | Path | None = None,
+    skip_bad_images: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -84,6 +86,8 @@ def calibrate(
     metrics before and after.
     """
     out = Path(out)
+    data_mod.check_loader_options(workers=workers, select_size=select_size)
+    data_mod.check_preprocessing(preprocessing)
     check_output(out, overwrite)
     dev = resolve_device(device)
     if is_artifact(spec):
@@ -108,7 +112,9 @@ def calibrate(
         select_spec,
         data_mod.eval_transform(data_config),
         label_names=pretrained_cfg.get("label_names"),
+        class_map=class_map,
         select_size=select_size,
+        skip_bad=skip_bad_images,
     )
     if len(dataset.classes) != ensemble.num_classes:
         raise PosthocError(

@@ -43,7 +43,8 @@ NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Re-
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset directory: DATA/<split>/<class>/<image>.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split folder, optionally with a part: val, val:select, val:report.")]
 SelectSizeOpt = Annotated[
-    Optional[int], typer.Option("--select-size", help="Images in a split's select part (default: 40% of the split).")
+    Optional[int],
+    typer.Option("--select-size", help="Number of images in a split's select part (default: 40% of the split's images)."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoader workers (default: spare cores).")]
@@ -58,6 +59,13 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Override normali
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Override normalization std, e.g. 0.5,0.5,0.5.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at --out.")]
+ClassMapOpt = Annotated[
+    Optional[Path],
+    typer.Option("--class-map", help="The data's class names in the model's class order, one per line (timm's format)."),
+]
+SkipBadOpt = Annotated[
+    bool, typer.Option("--skip-bad-images", help="Skip unreadable images (each named, counted at the end) instead of stopping.")
+]
 
 
 def _log(message: str) -> None:
@@ -217,13 +225,14 @@ def eval_command(
     interpolation: InterpOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    class_map: ClassMapOpt = None,
+    skip_bad_images: SkipBadOpt = False,
     show_progress: ProgressOpt = True,
 ):
     """Evaluate a model or ensemble artifact: top-1/top-5 (as timm's validate.py), NLL, ECE, Brier, throughput."""
-    from .evaluate import RESULT_SUFFIXES, evaluate_spec, write_results
+    from .evaluate import check_results_file, evaluate_spec, write_results
 
-    if results_file and results_file.suffix.lower() not in RESULT_SUFFIXES:
-        raise PosthocError(f"--results-file must end in .json or .csv, got '{results_file.name}'")
+    check_results_file(results_file)  # before any work
     result = evaluate_spec(
         model,
         data,
@@ -240,10 +249,14 @@ def eval_command(
         show_progress=show_progress,
         warn=_warn,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
+        class_map=class_map,
+        skip_bad_images=skip_bad_images,
     )
+    _print_result(result)  # before the results file, so a failed write never loses the numbers
+    if result.get("skipped_images"):
+        _warn(f"skipped {result['skipped_images']} unreadable image(s); the metrics cover the other {result['images']}")
     if results_file:
         write_results(result, results_file)
-    _print_result(result)
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -301,6 +314,16 @@ def boost_command(
         ),
     ] = False,
     distill_epochs: Annotated[float, typer.Option("--distill-epochs", help="Epochs of distillation with --distill.")] = 1.0,
+    subset: Annotated[
+        Optional[int],
+        typer.Option("--subset", help="Quick look: a fixed random sample of N training (and at most N select) images."),
+    ] = None,
+    class_map: ClassMapOpt = None,
+    skip_bad_images: SkipBadOpt = False,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="Dtype of the stored weights: auto (the parent checkpoint's), float32, float16, bfloat16."),
+    ] = "auto",
     inference_budget: Annotated[
         Optional[float],
         typer.Option(
@@ -324,6 +347,7 @@ def boost_command(
     from .boost import boost
     from .distill import DistillConfig
 
+    _refuse_values_of_switches(models, ctx)
     summary = boost(
         models,
         method,
@@ -340,6 +364,10 @@ def boost_command(
         temperature_scaling=temperature_scaling,
         inference_budget=inference_budget,
         distill=DistillConfig(epochs=distill_epochs) if distill else None,
+        subset=subset,
+        class_map=class_map,
+        skip_bad_images=skip_bad_images,
+        dtype=dtype,
         show_progress=show_progress,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
         log=_log,
@@ -386,6 +414,19 @@ def _print_student(r: dict[str, Any]) -> None:
     console.print(f"distillation cost: about {r['cost_parent_epochs']:.2f} parent-epochs (from FLOPs)", highlight=False)
 
 
+SWITCH_VALUES = {"true", "false", "yes", "no", "on", "off", "0", "1"}
+
+
+def _refuse_values_of_switches(models: list[str], ctx) -> None:
+    """``--include-parent false`` hands 'false' to the models list: say what on/off options look like."""
+    for spec in models[1:]:
+        if spec.lower() in SWITCH_VALUES and not Path(spec).exists():
+            raise PosthocError(
+                f"'{spec}' looks like a value for an on/off option, which takes none: write --NAME to switch it on and "
+                "--no-NAME to switch it off (e.g. --no-include-parent)"
+            )
+
+
 # ----------------------------------------------------------------------------------- calibrate
 @app.command("calibrate")
 def calibrate_command(
@@ -403,6 +444,8 @@ def calibrate_command(
     interpolation: InterpOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    class_map: ClassMapOpt = None,
+    skip_bad_images: SkipBadOpt = False,
 ):
     """Fit a temperature on the select part: a checkpoint becomes a calibrated one-member artifact; an artifact is re-calibrated."""
     from .calibrate import calibrate
@@ -418,6 +461,8 @@ def calibrate_command(
         workers=workers,
         overwrite=overwrite,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
+        class_map=class_map,
+        skip_bad_images=skip_bad_images,
         command=_command_line(),
         log=_log,
     )
@@ -457,6 +502,8 @@ def distill_command(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     overwrite: OverwriteOpt = False,
+    class_map: ClassMapOpt = None,
+    skip_bad_images: SkipBadOpt = False,
     show_progress: ProgressOpt = True,
 ):
     """Distil an ensemble artifact into one network (1x inference): knowledge distillation or the consensus loss."""
@@ -485,6 +532,8 @@ def distill_command(
         device=device,
         workers=workers,
         overwrite=overwrite,
+        class_map=class_map,
+        skip_bad_images=skip_bad_images,
         show_progress=show_progress,
         log=_log,
         command=_command_line(),
@@ -577,15 +626,16 @@ def ensemble_command(
 @app.command("info")
 def info_command(artifact: Annotated[str, typer.Argument(help="An artifact directory or hf-hub:org/name.")]):
     """Show an artifact's members, method, what is shared, sizes and stored metrics."""
-    from .artifact import read_config, summarize
+    from .artifact import read, summarize
     from .sources import artifact_dir
 
     path = artifact_dir(artifact)
+    _, config = read(path)  # checks the weights against the recorded size and SHA-256
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("artifact", escape(artifact))
-    for label, text in summarize(read_config(path), path):
+    for label, text in summarize(config, path):
         table.add_row(label, escape(text))
     console.print(table)
 

@@ -261,7 +261,9 @@ def open_source(data: str | Path, split: str) -> Source:
     if root.is_file() and root.suffix == ".tar":
         return tar_source(root)
     if not root.is_dir():
-        raise PosthocError(f"data directory {root} does not exist; pass --data DIR with DIR/<split>/<class>/*, a .tar, or hfds/NAME")
+        raise PosthocError(
+            f"data directory {root} does not exist; pass --data DIR with DIR/<split>/<class>/*, a .tar, or hfds/NAME"
+        )
     folder = root / split
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir())

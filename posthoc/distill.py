@@ -105,8 +105,8 @@ class FixedViews(Dataset):
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, i))
-            x, y = self.dataset[i]
-        return x, y, i
+            item = self.dataset[i]
+        return None if item is None else (*item, i)
 
 
 def distill(
@@ -123,6 +123,8 @@ def distill(
     device: str = "auto",
     workers: int | None = None,
     overwrite: bool = False,
+    class_map: str | Path | None = None,
+    skip_bad_images: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     command: str | None = None,
@@ -135,6 +137,7 @@ def distill(
     """
     cfg = config or DistillConfig()
     out = Path(out)
+    data_mod.check_loader_options(workers=workers, select_size=select_size)
     check_output(out, overwrite)
     dev = resolve_device(device)
     if not is_artifact(teacher):
@@ -159,9 +162,22 @@ def distill(
         select_size = tuned.get("select_size")
     select_spec = data_mod.SplitSpec(data_mod.SplitSpec.parse(val_split).split, "select")
     select_set = data_mod.open_split(
-        data, select_spec, data_mod.eval_transform(data_config), label_names=labels, select_size=select_size
+        data,
+        select_spec,
+        data_mod.eval_transform(data_config),
+        label_names=labels,
+        select_size=select_size,
+        class_map=class_map,
+        skip_bad=skip_bad_images,
     )
-    train_set = data_mod.open_split(data, train_split, data_mod.train_transform(data_config, cfg.augment), label_names=labels)
+    train_set = data_mod.open_split(
+        data,
+        train_split,
+        data_mod.train_transform(data_config, cfg.augment),
+        label_names=labels,
+        class_map=class_map,
+        skip_bad=skip_bad_images,
+    )
     select_loader = data_mod.make_loader(select_set, 256, workers=workers)
     seed_everything(cfg.seed)
 
@@ -184,7 +200,7 @@ def distill(
         return ensemble_module(x).float().clamp_min(PROB_FLOOR).log()
 
     if cfg.cache_teacher:
-        loader = DataLoader(view, batch_size=256, shuffle=False, num_workers=workers_)
+        loader = DataLoader(view, batch_size=256, shuffle=False, num_workers=workers_, collate_fn=data_mod.collate_readable)
         (cached,), _ = cache_outputs(
             [lambda x: (teacher_log_probs(x),)],
             ((x, y) for x, y, _ in loader),
@@ -208,6 +224,7 @@ def distill(
         num_workers=workers_,
         drop_last=len(train_set) > cfg.batch_size,
         generator=seeded_generator(cfg.seed),
+        collate_fn=data_mod.collate_readable,
     )
     batches = (((x, i), y) for x, y, i in cycle(train_loader, steps))
     student_model = model.train()
@@ -285,5 +302,5 @@ class _Indexed(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        x, y = self.dataset[i]
-        return x, y, i
+        item = self.dataset[i]
+        return None if item is None else (*item, i)

@@ -15,8 +15,9 @@ not depend on how fast the disk decodes JPEGs. For an ensemble, ``members``, ``m
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 from . import data as data_mod
 from .errors import PosthocError
 from .metrics import ClassificationMetrics, EnsembleMetrics
+from .paths import ensure_writable, write_text_atomically
 from .runtime import autocast, progress, resolve_device, resolve_dtype, synchronize
 from .sources import load_model
 
@@ -49,6 +51,8 @@ def evaluate_spec(
     subset: int | None = None,
     select_size: int | None = None,
     preprocessing: dict[str, Any] | None = None,
+    class_map: str | Path | None = None,
+    skip_bad_images: bool = False,
     show_progress: bool = True,
     warn: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
@@ -61,7 +65,14 @@ def evaluate_spec(
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     part = data_mod.SplitSpec.parse(split)
-    net = load_model(spec, arch=arch, num_classes=num_classes)
+    data_mod.check_loader_options(batch_size, workers, subset, select_size)
+    data_mod.check_preprocessing(preprocessing)
+    net = load_model(spec, arch=arch, warn=warn)
+    if num_classes is not None and num_classes != net.num_classes:
+        raise PosthocError(
+            f"--num-classes {num_classes} would give {spec} a new, untrained classifier, and evaluation would score chance; "
+            f"evaluate on data of its {net.num_classes} classes (re-heading only makes sense before training)"
+        )
     select_size, warning = tuned_on_overlap(getattr(net, "posthoc_config", {}), part, select_size)
     if warning:
         warn(warning)
@@ -71,13 +82,17 @@ def evaluate_spec(
         part,
         data_mod.eval_transform(data_config),
         label_names=net.pretrained_cfg.get("label_names"),
+        class_map=class_map,
         select_size=select_size,
         subset=subset,
+        skip_bad=skip_bad_images,
     )
     loader = data_mod.make_loader(dataset, batch_size, workers=workers)
     result = evaluate(net, loader, device=dev, dtype=dt, amp=amp, data_config=data_config, show_progress=show_progress)
     result["model"] = spec
     result["split"] = str(part)
+    if skip_bad_images:
+        result["skipped_images"] = data_mod.skipped_images()
     return result
 
 
@@ -151,8 +166,8 @@ def evaluate(
     model_classes = int(getattr(model, "num_classes", 0) or 0)
     if model_classes and model_classes != data_classes:
         raise PosthocError(
-            f"the model predicts {model_classes} classes but the data has {data_classes} class folders; "
-            f"pass --num-classes {data_classes} to re-head the model, or point --data at its label space"
+            f"the model predicts {model_classes} classes but the data has {data_classes} classes; evaluate on data of "
+            "the model's label space, or map the data's classes onto the model's with --class-map FILE"
         )
     metrics, ens_metrics = ClassificationMetrics(), EnsembleMetrics()
     seconds, images = 0.0, 0
@@ -208,19 +223,40 @@ def _num_parameters(model: nn.Module) -> int:
     return counter() if callable(counter) else sum(p.numel() for p in model.parameters())
 
 
-def write_results(result: dict[str, Any], path: str | Path) -> None:
-    """Write one result to ``.json`` (all fields) or ``.csv`` (scalar fields, one row with header)."""
+def check_results_file(path: str | Path | None) -> None:
+    """Before any work: the results file ends in .json or .csv and can be written."""
+    if path is None:
+        return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix.lower() == ".csv":
-        row = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            writer.writeheader()
-            writer.writerow(row)
-    elif path.suffix.lower() == ".json":
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    else:
+    if path.suffix.lower() not in RESULT_SUFFIXES:
         raise PosthocError(f"--results-file must end in {' or '.join(RESULT_SUFFIXES)}, got '{path.name}'")
-    os.replace(tmp, path)  # never a half-written results file
+    ensure_writable(path, "results file")
+
+
+def write_results(results: dict[str, Any] | list[dict[str, Any]], path: str | Path) -> None:
+    """Write results to ``.json`` (all fields; one object, or a list for several models) or ``.csv`` (scalar
+    fields, one row per model), atomically. Missing or undefined values are ``null`` / empty, never ``NaN``."""
+    path = Path(path)
+    rows = results if isinstance(results, list) else [results]
+    check_results_file(path)
+    if path.suffix.lower() == ".csv":
+        scalars = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
+        fields = list(dict.fromkeys(k for r in scalars for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(scalars)
+        text = buffer.getvalue()
+    else:
+        text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
+    write_text_atomically(path, text, "results file")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -17,9 +17,12 @@ The returned model carries its preprocessing in ``model.pretrained_cfg`` (timm's
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
+import torch
 from torch import nn
 
 from . import artifact, hub
@@ -44,6 +47,7 @@ def load_model(
     arch: str | None = None,
     num_classes: int | None = None,
     pretrained: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Load a classifier, or an ensemble artifact, from a spec string (see the module docstring).
 
@@ -54,6 +58,7 @@ def load_model(
         num_classes: re-head the model to this many classes (a new, randomly initialised classifier)
             when its checkpoint has a different label space.
         pretrained: load weights (timm names only; ``False`` gives a randomly initialised model).
+        warn: where a one-line warning goes (a bare weights file whose preprocessing is assumed).
 
     Returns:
         The model in eval mode, with ``pretrained_cfg`` (its preprocessing); for an artifact, its
@@ -69,7 +74,7 @@ def load_model(
             return _not_reheaded(artifact.load(path, name=spec), spec, num_classes)
         model = _load_hub_layout_dir(path)
     elif path.suffix.lower() in WEIGHT_SUFFIXES or path.is_file():
-        model = _load_weights_file(path, arch)
+        model = _load_weights_file(path, arch, warn)
     elif hub.is_hub_spec(spec):
         repo, revision = hub.split_repo(spec)
         if artifact.is_artifact_config(hub.hub_config(repo, revision)):
@@ -119,6 +124,26 @@ def member_name(spec: str) -> str:
     """A short name for a model spec: its directory or file name, or the spec itself."""
     name = Path(spec.removeprefix("local-dir:").removeprefix("hf-hub:").rstrip("/")).name
     return name or spec
+
+
+def floating_dtype(state_dict: dict) -> torch.dtype:
+    """The dtype most floating tensors of a checkpoint are stored in (artifacts keep it by default)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state_dict.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def storage_dtype(models: list[nn.Module], requested: str = "auto") -> torch.dtype:
+    """The dtype an artifact stores its floating tensors in: ``requested``, or (``auto``) the widest dtype its
+    parents' checkpoints were stored in (float32 for timm names, whose files posthoc does not read)."""
+    from .runtime import resolve_dtype
+
+    if requested != "auto":
+        return resolve_dtype(requested)
+    dtypes = [getattr(m, "checkpoint_dtype", torch.float32) for m in models]
+    return max(dtypes, key=lambda d: torch.finfo(d).bits + (0.5 if d == torch.float16 else 0))
 
 
 def _not_reheaded(module: EnsembleModule, spec: str, num_classes: int | None) -> EnsembleModule:
@@ -176,11 +201,13 @@ def _load_hub_layout_dir(path: Path) -> nn.Module:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PosthocError(f"{path / 'config.json'} is not valid JSON ({first_line(e)}); fix or regenerate it") from e
     model = build_from_timm_config(config, source=str(path / "config.json"))
-    load_weights(model, read_state_dict(weights), source=str(weights))
+    state_dict = read_state_dict(weights)
+    load_weights(model, state_dict, source=str(weights))
+    model.checkpoint_dtype = floating_dtype(state_dict)
     return model
 
 
-def _load_weights_file(path: Path, arch: str | None) -> nn.Module:
+def _load_weights_file(path: Path, arch: str | None, warn: Callable[[str], None] | None = None) -> nn.Module:
     if not path.is_file():
         raise PosthocError(f"weights file {path} does not exist; check the path")
     if not arch:
@@ -190,7 +217,33 @@ def _load_weights_file(path: Path, arch: str | None) -> nn.Module:
     state_dict = read_state_dict(path)
     model = timm.create_model(arch, pretrained=False)
     classes = checkpoint_num_classes(model, state_dict)
-    if classes is not None and classes != model.num_classes:
-        model = timm.create_model(arch, pretrained=False, num_classes=classes)
+    beside = _timm_config_beside(path, arch)
+    kwargs = {"num_classes": classes} if classes is not None and classes != model.num_classes else {}
+    if beside is not None:  # the checkpoint's own preprocessing (timm's Hub layout next to the file)
+        kwargs["pretrained_cfg_overlay"] = beside
+    if kwargs:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
     load_weights(model, state_dict, source=str(path))
+    model.checkpoint_dtype = floating_dtype(state_dict)
+    if beside is None:
+        cfg = model.pretrained_cfg
+        size = cfg.get("test_input_size") or cfg.get("input_size")
+        message = (
+            f"{path.name} records no preprocessing, so {arch}'s defaults are assumed: input {size[-1]}x{size[-2]}, "
+            f"crop_pct {cfg.get('test_crop_pct') or cfg.get('crop_pct')}, {cfg.get('interpolation')}, mean {tuple(cfg.get('mean', ()))}; "
+            "if it was trained otherwise pass --img-size/--crop-pct/--mean/--std, or put its config.json beside it"
+        )
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(message)
     return model
+
+
+def _timm_config_beside(path: Path, arch: str) -> dict | None:
+    """The ``pretrained_cfg`` of a timm ``config.json`` next to a weights file, when it is for ``arch``."""
+    file = path.parent / "config.json"
+    try:
+        config = json.loads(file.read_text()) if file.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(config, dict) and config.get("architecture") == arch and isinstance(config.get("pretrained_cfg"), dict):
+        return config["pretrained_cfg"]
+    return None

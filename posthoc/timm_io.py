@@ -71,9 +71,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as e:  # safetensors / pickle / zip errors all mean "unreadable file"
+        reason = (
+            "it holds Python objects other than tensors, which posthoc refuses to unpickle for safety"
+            if "Unsupported global" in str(e)
+            else "it is corrupt, truncated or not a PyTorch or safetensors checkpoint"
+        )
         raise PosthocError(
-            f"cannot read weights file {path}: {first_line(e)}; the file is corrupt, truncated or not a "
-            "PyTorch checkpoint (pickled objects other than tensors are refused for safety)"
+            f"cannot read weights file {path}: {reason}; save model.state_dict() with torch.save or safetensors"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PosthocError(f"{path} does not hold a state dict of tensors; save model.state_dict() instead")

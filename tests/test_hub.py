@@ -139,7 +139,7 @@ def test_pushed_artifact_loads_back_offline_from_the_cache(hub, artifact, image_
     assert main(["eval", "hf-hub:me/tiny-deep2", "--data", str(image_data), "--no-progress", "-j", "0"]) == 0
     assert "hf-hub:me/tiny-deep2" in capsys.readouterr().out
     assert main(["eval", "hf-hub:me/tiny-deep2", "--data", str(image_data), "--num-classes", "5"]) == 2
-    assert "is an ensemble artifact of 3 classes and cannot be re-headed" in capsys.readouterr().err
+    assert "--num-classes 5 would give hf-hub:me/tiny-deep2 a new, untrained classifier" in capsys.readouterr().err
     assert main(["ensemble", "hf-hub:me/tiny-deep2", str(artifact), "--out", str(artifact.parent / "x")]) == 2
     assert "hf-hub:me/tiny-deep2 is already an ensemble artifact" in capsys.readouterr().err
 
