@@ -70,9 +70,11 @@ def ensemble_checkpoints(
     combine: str = "prob_mean",
     arch: str | None = None,
     overwrite: bool = False,
+    dtype: str = "auto",
     command: str | None = None,
 ) -> Ensemble:
-    """Write a deep-ensemble artifact of several checkpoints (members may differ in architecture)."""
+    """Write a deep-ensemble artifact of several checkpoints (members may differ in architecture), its
+    weights stored in ``dtype`` (``auto``: the widest dtype of the checkpoints)."""
     if len(specs) < 2:
         raise PosthocError("an ensemble needs at least two models")
     if combine == "coupling":
@@ -88,7 +90,7 @@ def ensemble_checkpoints(
     check_label_space(specs, models)
     ensemble = Ensemble.from_models(models, [member_name(s) for s in specs], Combine(rule=combine))
     provenance = Provenance(method="ensemble", config={"combine": combine}, sources=list(specs), command=command)
-    save(ensemble, out, provenance, overwrite=overwrite)
+    save(ensemble, out, provenance, overwrite=overwrite, dtype=storage_dtype(models, dtype))
     return ensemble
 
 

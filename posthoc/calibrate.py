@@ -22,7 +22,7 @@ from .errors import PosthocError
 from .fused import EnsembleModule
 from .metrics import ClassificationMetrics, fit_temperature
 from .runtime import resolve_device
-from .sources import artifact_dir, is_artifact, load_model, member_name
+from .sources import artifact_dir, is_artifact, load_model, member_name, storage_dtype
 from .training import cache_outputs
 
 
@@ -99,8 +99,10 @@ def calibrate(
             select_size = provenance.data.get("select_size")
         module = EnsembleModule(ensemble)
         pretrained_cfg = module.pretrained_cfg
+        stored_dtype = None  # the artifact's tensors keep the dtypes they were read in
     else:
         model = load_model(spec, arch=arch)
+        stored_dtype = storage_dtype([model])
         ensemble = Ensemble.from_models([model], [member_name(spec)])
         provenance = Provenance(method="calibrate", sources=[spec])
         pretrained_cfg = model.pretrained_cfg
@@ -134,7 +136,7 @@ def calibrate(
     provenance = dataclasses.replace(
         provenance, measured=measured, data=data_record, metrics=metrics, command=provenance.command or command
     )
-    save(result, out, provenance, overwrite=overwrite)
+    save(result, out, provenance, overwrite=overwrite, dtype=stored_dtype)
     return {
         "out": str(out),
         "temperature": fit["temperature"],

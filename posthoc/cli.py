@@ -612,11 +612,14 @@ def ensemble_command(
     combine: Annotated[str, typer.Option("--combine", help="prob_mean, logit_mean or vote.")] = "prob_mean",
     arch: ArchOpt = None,
     overwrite: OverwriteOpt = False,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Dtype of the stored weights: auto (the checkpoints'), float32, float16, bfloat16.")
+    ] = "auto",
 ):
     """Build a deep-ensemble artifact from several checkpoints (members may differ in architecture)."""
     from .boost import ensemble_checkpoints
 
-    ens = ensemble_checkpoints(models, out, combine=combine, arch=arch, overwrite=overwrite, command=_command_line())
+    ens = ensemble_checkpoints(models, out, combine=combine, arch=arch, overwrite=overwrite, dtype=dtype, command=_command_line())
     console.print(
         f"wrote {escape(str(out))} ({ens.num_members} members, {len(ens.groups)} architecture group(s))", highlight=False
     )

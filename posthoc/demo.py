@@ -50,7 +50,7 @@ def write_digits(root: Path, val_fraction: float = 0.4, seed: int = 0) -> Path:
     return root
 
 
-def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0) -> Path:
+def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0, show_progress: bool = False) -> Path:
     """Train timm's ``test_resnet`` from scratch on the digits (SGD, one-cycle) and save it in timm's Hub layout."""
     import timm
     from timm.models import save_for_hf
@@ -67,7 +67,15 @@ def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0) -> Path
     steps = epochs * len(loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.25)
     model.train()
-    train_steps(model, cycle(loader, steps), opt, steps=steps, scheduler=sched)
+    train_steps(
+        model,
+        cycle(loader, steps),
+        opt,
+        steps=steps,
+        scheduler=sched,
+        show_progress=show_progress,
+        description="training the parent",
+    )
     model.eval()
     save_for_hf(model, str(out), safe_serialization=True)
     return out

@@ -42,7 +42,7 @@ from .evaluate import evaluate, headline
 from .fused import EnsembleModule
 from .metrics import PROB_FLOOR
 from .runtime import derive_seed, resolve_device, seed_everything, seeded_generator
-from .sources import is_artifact, load_artifact, load_model, member_name
+from .sources import is_artifact, load_artifact, load_model, member_name, storage_dtype
 from .training import cache_outputs, cycle, sgd_with_schedule, train_steps
 
 LOSSES = ("kd", "consensus")
@@ -283,7 +283,7 @@ def distill(
         },
         command=command,
     )
-    save(ensemble, out, provenance, overwrite=overwrite)
+    save(ensemble, out, provenance, overwrite=overwrite, dtype=storage_dtype([model]))
     return {
         "out": str(out),
         "student": student_after,

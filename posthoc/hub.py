@@ -2,19 +2,47 @@
 
 This module only speaks to the Hub (through huggingface_hub): it knows nothing of artifacts or model
 specs. Downloads go through huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` works once a repository
-is cached; every huggingface_hub failure becomes one :class:`PosthocError` line that says what to do.
+is cached. Before the first request, :func:`prepare` checks that the Hub answers a TCP connection within
+a few seconds; when it does not, the process works from the cache alone (as with ``HF_HUB_OFFLINE=1``),
+so a missing file fails at once rather than after a minute of retries. Every huggingface_hub failure
+becomes one :class:`PosthocError` line that says what to do.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import PosthocError, first_line
+
+CONNECT_TIMEOUT = 3.0  # seconds the Hub gets to answer before posthoc works from the cache alone
+_unreachable: str | None = None  # the endpoint that did not answer, once prepare() found it so
+
+
+def prepare() -> None:
+    """Before talking to the Hub: if it does not accept a connection within ``CONNECT_TIMEOUT`` seconds,
+    switch this process to offline mode (cached files only, no retries)."""
+    global _unreachable
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _unreachable is not None:
+        return
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError:
+        _unreachable = constants.ENDPOINT
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def split_repo(spec: str) -> tuple[str, str | None]:
@@ -50,6 +78,7 @@ def _config_text(repo: str, revision: str | None) -> str:
     from huggingface_hub import hf_hub_download
 
     with hub_errors(repo):
+        prepare()
         return Path(hf_hub_download(repo, "config.json", revision=revision)).read_text()
 
 
@@ -58,6 +87,7 @@ def download(repo: str, revision: str | None, files: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     with hub_errors(repo):
+        prepare()
         return Path(snapshot_download(repo, revision=revision, allow_patterns=list(files)))
 
 
@@ -82,6 +112,7 @@ def commit(
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()]
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, action="push to"):
+        prepare()
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -97,6 +128,12 @@ def hub_errors(repo: str, action: str = "fetch") -> Iterator[None]:
     try:
         yield
     except hf_errors.OfflineModeIsEnabled as e:
+        if _unreachable is not None:
+            what = "is not in the local Hugging Face cache and" if action == "fetch" else "cannot be pushed:"
+            raise PosthocError(
+                f"'{repo}' {what} the Hub ({_unreachable}) did not answer within {CONNECT_TIMEOUT:g} s; check the "
+                "network, or set HF_HUB_OFFLINE=1 to work from the cache without trying"
+            ) from e
         if action == "fetch":
             raise PosthocError(
                 f"'{repo}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
@@ -104,6 +141,11 @@ def hub_errors(repo: str, action: str = "fetch") -> Iterator[None]:
             ) from e
         raise PosthocError(f"cannot {action} '{repo}' while HF_HUB_OFFLINE=1 is set; unset it to reach the Hub") from e
     except hf_errors.LocalEntryNotFoundError as e:
+        if _unreachable is not None:
+            raise PosthocError(
+                f"'{repo}' is not in the local Hugging Face cache and the Hub ({_unreachable}) did not answer within "
+                f"{CONNECT_TIMEOUT:g} s; check the network, or download it once where the Hub can be reached"
+            ) from e
         raise PosthocError(
             f"'{repo}' is not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1); download it once with network access, or pass a local path"

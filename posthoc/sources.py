@@ -80,6 +80,7 @@ def load_model(
         if artifact.is_artifact_config(hub.hub_config(repo, revision)):
             return _not_reheaded(load_artifact(spec), spec, num_classes)
         with hub.hub_errors(repo):
+            hub.prepare()
             model = timm.create_model(f"hf-hub:{spec.split(':', 1)[1]}", pretrained=True)
     else:
         model = _load_timm_name(spec, pretrained)
@@ -176,6 +177,8 @@ def _load_timm_name(name: str, pretrained: bool) -> nn.Module:
         )
     try:
         with hub.hub_errors(name):
+            if pretrained:
+                hub.prepare()
             return timm.create_model(name, pretrained=pretrained)
     except RuntimeError as e:  # mismatched cached weights and the like
         raise PosthocError(f"could not load pretrained weights for '{name}': {first_line(e)}") from e

@@ -307,6 +307,7 @@ class Noisy(Method):
             def kl_at(s: float) -> float:
                 return self._mean_kl(kl_scorer, mutator, s, search_children)
 
+            ctx.log(f"searching the noise scale for KL(parent||child) = {cfg.target_kl:g} on {kl_n} select images ...")
             sigma, kl, trace = search_sigma(kl_at, cfg.target_kl, start, cfg.kl_tolerance)
             ctx.note("sigma_search", [[round(s, 8), round(k, 6)] for s, k in trace])
         ctx.note("sigma", sigma)
