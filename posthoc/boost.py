@@ -116,6 +116,7 @@ def boost(
     class_map: str | Path | None = None,
     skip_bad_images: bool = False,
     dtype: str = "auto",
+    amp: bool = False,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
@@ -144,6 +145,7 @@ def boost(
         class_map: a file naming the data's classes in the model's class order (see :mod:`posthoc.data`).
         skip_bad_images: skip unreadable images (counted) instead of stopping at the first.
         dtype: the dtype the artifact stores its weights in; ``auto`` keeps the parent checkpoint's.
+        amp: mixed precision in the method's training loops (float16 with a grad scaler on CUDA, bfloat16 on CPU).
         warn: where deprecation lines and warnings go (default: Python warnings).
         **config: the method's hyper-parameters (its ``Config`` fields).
 
@@ -222,6 +224,8 @@ def boost(
         select_size=len(select_set),
         log=log,
         show_progress=show_progress,
+        temperature_scaling=temperature_scaling,
+        amp=amp,
     )
     runner = method_cls(cfg)
     if inference_budget is not None:

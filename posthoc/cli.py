@@ -40,7 +40,7 @@ ModelArg = Annotated[
 ]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="timm architecture of a bare weights file.")]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Re-head the model to N classes.")]
-DataOpt = Annotated[Path, typer.Option("--data", help="Dataset directory: DATA/<split>/<class>/<image>.")]
+DataOpt = Annotated[str, typer.Option("--data", help="DATA/<split>/<class>/<image>, a .tar of one split, or hfds/NAME.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split folder, optionally with a part: val, val:select, val:report.")]
 SelectSizeOpt = Annotated[
     Optional[int],
@@ -207,9 +207,17 @@ def _option_help(opt: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_command(
-    model: ModelArg,
     data: DataOpt,
+    models: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            help="Model specs (timm names with wildcards like 'resnet5*.a1_in1k', hf-hub:, directories, artifacts, weights files)."
+        ),
+    ] = None,
     split: SplitOpt = "val",
+    model_list: Annotated[
+        Optional[Path], typer.Option("--model-list", help="A file of model specs, one per line, # comments.")
+    ] = None,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     batch_size: BatchOpt = 256,
@@ -217,9 +225,25 @@ def eval_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     amp: AmpOpt = False,
+    channels_last: Annotated[
+        Optional[bool],
+        typer.Option("--channels-last/--no-channels-last", help="Channels-last inputs and weights (default: on CUDA)."),
+    ] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model before evaluating.")] = False,
     subset: SubsetOpt = None,
     select_size: SelectSizeOpt = None,
-    results_file: Annotated[Optional[Path], typer.Option("--results-file", help="Write results to .json or .csv.")] = None,
+    results_file: Annotated[
+        Optional[Path], typer.Option("--results-file", help="Write a row per model to .json or .csv, as each finishes.")
+    ] = None,
+    sort: Annotated[Optional[str], typer.Option("--sort", help="Sort the rows by this field, descending (e.g. top1).")] = None,
+    valid_labels: Annotated[
+        Optional[Path],
+        typer.Option("--valid-labels", help="The model's class indices the data's classes are, one per line (ImageNet-A/R)."),
+    ] = None,
+    real_labels: Annotated[
+        Optional[Path],
+        typer.Option("--real-labels", help="ImageNet-ReaL real.json: top-1/top-5 count any label of an image's set."),
+    ] = None,
     img_size: ImgSizeOpt = None,
     crop_pct: CropPctOpt = None,
     interpolation: InterpOpt = None,
@@ -229,14 +253,12 @@ def eval_command(
     skip_bad_images: SkipBadOpt = False,
     show_progress: ProgressOpt = True,
 ):
-    """Evaluate a model or ensemble artifact: top-1/top-5 (as timm's validate.py), NLL, ECE, Brier, throughput."""
-    from .evaluate import check_results_file, evaluate_spec, write_results
+    """Evaluate models or ensemble artifacts: top-1/top-5 (as timm's validate.py), NLL, ECE, Brier, throughput."""
+    from .evaluate import check_eval_options, check_results_file, evaluate_specs, speed_paths
+    from .sources import expand_specs
 
-    check_results_file(results_file)  # before any work
-    result = evaluate_spec(
-        model,
-        data,
-        split,
+    preprocessing = preprocessing_overrides(img_size, crop_pct, interpolation, mean, std)
+    options = dict(
         arch=arch,
         num_classes=num_classes,
         batch_size=batch_size,
@@ -244,19 +266,83 @@ def eval_command(
         device=device,
         dtype=dtype,
         amp=amp,
+        channels_last=channels_last,
+        compile=compile,
         subset=subset,
         select_size=select_size,
+        preprocessing=preprocessing,
+        class_map=class_map,
+        valid_labels=valid_labels,
+        real_labels=real_labels,
+        skip_bad_images=skip_bad_images,
         show_progress=show_progress,
         warn=_warn,
-        preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
-        class_map=class_map,
-        skip_bad_images=skip_bad_images,
     )
-    _print_result(result)  # before the results file, so a failed write never loses the numbers
-    if result.get("skipped_images"):
-        _warn(f"skipped {result['skipped_images']} unreadable image(s); the metrics cover the other {result['images']}")
-    if results_file:
-        write_results(result, results_file)
+    check_results_file(results_file)  # before any work
+    check_eval_options(
+        **{
+            k: options[k]
+            for k in (
+                "batch_size",
+                "workers",
+                "subset",
+                "select_size",
+                "preprocessing",
+                "device",
+                "dtype",
+                "valid_labels",
+                "real_labels",
+                "skip_bad_images",
+            )
+        }
+    )
+    specs = expand_specs(list(models or []), model_list)
+    _log(speed_paths(device, amp=amp, channels_last=channels_last, compile=compile))
+    if len(specs) == 1:  # one model: its problems are argument problems (exit 2), its table detailed
+        from .evaluate import evaluate_spec, write_results
+
+        result = evaluate_spec(specs[0], data, split, **options)
+        _print_result(result)  # before the results file, so a failed write never loses the numbers
+        if result.get("skipped_images"):
+            _warn(f"skipped {result['skipped_images']} unreadable image(s); the metrics cover the other {result['images']}")
+        if results_file:
+            write_results(result, results_file)
+        return
+    rows = evaluate_specs(specs, data, split, results_file=results_file, sort=sort, on_result=_print_row, **options)
+    _print_rows(rows)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        _warn(f"{len(failed)} of {len(rows)} models failed (their rows hold the error)")
+        raise typer.Exit(1)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    if "error" in row:
+        err_console.print(f"[red]{escape(row['model'])}: {escape(row['error'])}[/]", highlight=False, soft_wrap=True)
+    else:
+        console.print(
+            f"{escape(row['model'])}: top-1 {row['top1']:.2f}%, NLL {row['nll']:.4f} ({row['images']} images)", highlight=False
+        )
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(rows)} models on {rows[0].get('split', '')}")
+    for column in ("model", "top-1 (%)", "top-5 (%)", "NLL", "ECE (%)", "params (M)", "img/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(escape(r["model"]), "[red]failed[/]", "", "", "", "", "")
+        else:
+            table.add_row(
+                escape(r["model"]),
+                f"{r['top1']:.2f}",
+                f"{r['top5']:.2f}",
+                f"{r['nll']:.4f}",
+                f"{r['ece']:.2f}",
+                f"{r['param_count']:.2f}",
+                f"{r['throughput']:.0f}",
+            )
+    console.print(table)
 
 
 def _print_result(result: dict[str, Any]) -> None:
@@ -324,6 +410,9 @@ def boost_command(
         str,
         typer.Option("--dtype", help="Dtype of the stored weights: auto (the parent checkpoint's), float32, float16, bfloat16."),
     ] = "auto",
+    amp: Annotated[
+        bool, typer.Option("--amp", help="Mixed precision in training loops (float16 + grad scaler on CUDA, bfloat16 on CPU).")
+    ] = False,
     inference_budget: Annotated[
         Optional[float],
         typer.Option(
@@ -368,6 +457,7 @@ def boost_command(
         class_map=class_map,
         skip_bad_images=skip_bad_images,
         dtype=dtype,
+        amp=amp,
         show_progress=show_progress,
         preprocessing=preprocessing_overrides(img_size, crop_pct, interpolation, mean, std),
         log=_log,

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,16 @@ def evaluate_spec(
     device: str = "auto",
     dtype: str = "float32",
     amp: bool = False,
+    channels_last: bool | None = None,
+    compile: bool = False,
     subset: int | None = None,
     select_size: int | None = None,
     preprocessing: dict[str, Any] | None = None,
     class_map: str | Path | None = None,
+    valid_labels: str | Path | None = None,
+    real_labels: str | Path | None = None,
     skip_bad_images: bool = False,
+    source: data_mod.Source | None = None,
     show_progress: bool = True,
     warn: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
@@ -61,12 +66,24 @@ def evaluate_spec(
     Preprocessing is the model's (timm's ``resolve_data_config``) with ``preprocessing`` overrides.
     For an artifact, the select / report parts are cut with the select size it was tuned with unless
     ``select_size`` is given, and ``warn`` gets one line when the evaluated images include images it
-    was tuned on. Returns :func:`evaluate`'s result with ``model`` and ``split`` set.
+    was tuned on. ``valid_labels`` and ``real_labels`` are files as timm's ``validate.py`` takes them
+    (see :func:`evaluate`); ``source`` reuses an already indexed split (several models, one scan).
+    Returns :func:`evaluate`'s result with ``model`` and ``split`` set.
     """
+    check_eval_options(
+        batch_size=batch_size,
+        workers=workers,
+        subset=subset,
+        select_size=select_size,
+        preprocessing=preprocessing,
+        device=device,
+        dtype=dtype,
+        valid_labels=valid_labels,
+        real_labels=real_labels,
+        skip_bad_images=skip_bad_images,
+    )
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     part = data_mod.SplitSpec.parse(split)
-    data_mod.check_loader_options(batch_size, workers, subset, select_size)
-    data_mod.check_preprocessing(preprocessing)
     net = load_model(spec, arch=arch, warn=warn)
     if num_classes is not None and num_classes != net.num_classes:
         raise PosthocError(
@@ -77,23 +94,172 @@ def evaluate_spec(
     if warning:
         warn(warning)
     data_config = data_mod.resolve_data_config(net, preprocessing)
+    valid = read_valid_labels(valid_labels) if valid_labels is not None else None
     dataset = data_mod.open_split(
-        data,
+        source or data,
         part,
         data_mod.eval_transform(data_config),
-        label_names=net.pretrained_cfg.get("label_names"),
+        label_names=None if valid is not None else net.pretrained_cfg.get("label_names"),
         class_map=class_map,
         select_size=select_size,
         subset=subset,
         skip_bad=skip_bad_images,
     )
+    real = read_real_labels(real_labels, dataset) if real_labels is not None else None
     loader = data_mod.make_loader(dataset, batch_size, workers=workers)
-    result = evaluate(net, loader, device=dev, dtype=dt, amp=amp, data_config=data_config, show_progress=show_progress)
+    module = torch.compile(net) if compile else net
+    for attr in ("num_classes", "pretrained_cfg", "posthoc_name", "returns_probabilities", "num_members", "num_parameters"):
+        if hasattr(net, attr) and module is not net:
+            setattr(module, attr, getattr(net, attr))
+    result = evaluate(
+        module,
+        loader,
+        device=dev,
+        dtype=dt,
+        amp=amp,
+        channels_last=channels_last,
+        data_config=data_config,
+        valid_labels=valid,
+        real_labels=real,
+        show_progress=show_progress,
+    )
     result["model"] = spec
     result["split"] = str(part)
     if skip_bad_images:
         result["skipped_images"] = data_mod.skipped_images()
     return result
+
+
+def evaluate_specs(
+    specs: Sequence[str],
+    data: str | Path,
+    split: str = "val",
+    *,
+    results_file: str | Path | None = None,
+    sort: str | None = None,
+    on_result: Callable[[dict[str, Any]], None] = lambda row: None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Evaluate several models, one row each; a model that fails gets a row with its ``error`` and the rest
+    go on. Rows are written to ``results_file`` as each finishes (so a killed run keeps the finished ones)
+    and, at the end, sorted by ``sort`` (a result field, descending; e.g. ``top1``)."""
+    check_results_file(results_file)
+    check_eval_options(
+        **{
+            k: options[k]
+            for k in (
+                "batch_size",
+                "workers",
+                "subset",
+                "select_size",
+                "preprocessing",
+                "device",
+                "dtype",
+                "valid_labels",
+                "real_labels",
+                "skip_bad_images",
+            )
+            if k in options
+        }
+    )
+    part = data_mod.SplitSpec.parse(split)
+    source = data_mod.open_source(data, part.split)  # one scan of the split for every model
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        try:
+            row = evaluate_spec(spec, data, split, source=source, **options)
+        except PosthocError as e:
+            row = {"model": spec, "split": str(part), "error": str(e)}
+        rows.append(row)
+        on_result(row)
+        if results_file is not None:
+            write_results(rows, results_file)
+    if sort is not None:
+        rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0)))
+        if results_file is not None:
+            write_results(rows, results_file)
+    return rows
+
+
+def speed_paths(device: str = "auto", *, amp: bool = False, channels_last: bool | None = None, compile: bool = False) -> str:
+    """One line saying which speed paths an evaluation uses. On CUDA, cuDNN's autotuner is switched on here
+    (inputs of one size throughout); channels-last defaults to on there. On CPU nothing changes unless asked."""
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    on = {
+        "channels-last": cuda if channels_last is None else channels_last,
+        f"AMP ({'float16' if cuda else 'bfloat16'})": amp,
+        "torch.compile": compile,
+        "cudnn.benchmark": cuda,
+        "pinned memory": cuda,
+    }
+    used = [k for k, v in on.items() if v]
+    return f"device {dev}; speed paths: {', '.join(used) if used else 'none (CPU defaults)'}"
+
+
+def check_eval_options(
+    *,
+    batch_size=None,
+    workers=None,
+    subset=None,
+    select_size=None,
+    preprocessing=None,
+    device="auto",
+    dtype="float32",
+    valid_labels=None,
+    real_labels=None,
+    skip_bad_images=False,
+) -> None:
+    """Every evaluation option checked at once, before any model is loaded (one line for the first problem)."""
+    data_mod.check_loader_options(batch_size, workers, subset, select_size)
+    data_mod.check_preprocessing(preprocessing)
+    resolve_device(device)
+    resolve_dtype(dtype)
+    for flag, path in (("--valid-labels", valid_labels), ("--real-labels", real_labels)):
+        if path is not None and not Path(path).is_file():
+            raise PosthocError(f"{flag} file {path} does not exist; check the path")
+    if valid_labels is not None and real_labels is not None:
+        raise PosthocError("--real-labels index the model's full label space and --valid-labels a subset of it; give one of them")
+    if real_labels is not None and (skip_bad_images or subset is not None):
+        raise PosthocError("--real-labels align with every image of the split in order; drop --skip-bad-images and --subset")
+
+
+def read_valid_labels(path: str | Path) -> list[int]:
+    """Class indices, one per line (timm's ``--valid-labels`` format, e.g. ImageNet-A's 200 of 1000)."""
+    try:
+        labels = [int(line.split()[0]) for line in Path(path).read_text().splitlines() if line.strip()]
+    except ValueError:
+        raise PosthocError(f"--valid-labels {path} must hold one class index per line") from None
+    if not labels or len(set(labels)) != len(labels):
+        raise PosthocError(f"--valid-labels {path} must list each class index once")
+    return labels
+
+
+def read_real_labels(path: str | Path, dataset) -> list[list[int]]:
+    """The ImageNet-ReaL label sets (``real.json``: a list, entry ``i`` for ``ILSVRC2012_val_{i+1:08d}.JPEG``)
+    of the images of ``dataset`` in its order."""
+    import re
+
+    try:
+        table = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PosthocError(f"--real-labels {path} is not valid JSON ({e})") from None
+    if not isinstance(table, list):
+        raise PosthocError(f"--real-labels {path} must be a JSON list of label lists (ImageNet-ReaL's real.json)")
+    samples = dataset.dataset.samples if hasattr(dataset, "indices") else dataset.samples
+    order = dataset.indices if hasattr(dataset, "indices") else range(len(samples))
+    out = []
+    for i in order:
+        name = Path(samples[i][0]).name
+        match = re.fullmatch(r"ILSVRC2012_val_(\d{8})\.\w+", name)
+        if match is None or not 0 < int(match.group(1)) <= len(table):
+            raise PosthocError(
+                f"--real-labels maps ImageNet validation file names (ILSVRC2012_val_NNNNNNNN.JPEG); '{name}' is not one"
+            )
+        out.append(list(table[int(match.group(1)) - 1]))
+    return out
 
 
 def tuned_on_overlap(config: dict[str, Any], part: data_mod.SplitSpec, select_size: int | None) -> tuple[int | None, str | None]:
@@ -151,28 +317,51 @@ def evaluate(
     device: torch.device = torch.device("cpu"),
     dtype: torch.dtype = torch.float32,
     amp: bool = False,
+    channels_last: bool | None = None,
     data_config: dict[str, Any] | None = None,
+    valid_labels: Sequence[int] | None = None,
+    real_labels: Sequence[Sequence[int]] | None = None,
     show_progress: bool = True,
     description: str = "eval",
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return timm-style results plus calibration metrics.
 
     ``data_config`` (from :func:`posthoc.data.resolve_data_config`) fills ``img_size``, ``crop_pct``
-    and ``interpolation`` as timm's ``validate.py`` reports them. ``reliability`` holds the
-    per-bin confidence and accuracy behind the ECE.
+    and ``interpolation`` as timm's ``validate.py`` reports them. ``reliability`` holds the per-bin
+    confidence and accuracy behind the ECE.
+
+    ``valid_labels`` (timm's ``validate.py`` option) are the model's class indices the data's classes
+    are, in the data's class order (e.g. the 200 ImageNet-A classes of a 1000-class model): predictions
+    are the model's probabilities restricted to them and renormalised, ``p(y | y in valid)``, for an
+    ensemble as for one network. ``real_labels`` (ImageNet-ReaL) give every image, in loader order, the
+    set of labels counted correct: ``top1`` / ``top5`` are then ReaL accuracies over the images with a
+    non-empty set (timm's convention) and ``top1_original`` the plain one. ``channels_last`` (default:
+    on CUDA) feeds the model channels-last tensors.
     """
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
     model = model.to(device=device, dtype=dtype).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     data_classes = len(loader.dataset.classes)
     model_classes = int(getattr(model, "num_classes", 0) or 0)
-    if model_classes and model_classes != data_classes:
-        raise PosthocError(
-            f"the model predicts {model_classes} classes but the data has {data_classes} classes; evaluate on data of "
-            "the model's label space, or map the data's classes onto the model's with --class-map FILE"
+    expected = len(valid_labels) if valid_labels is not None else model_classes
+    if valid_labels is not None and (min(valid_labels) < 0 or max(valid_labels) >= model_classes > 0):
+        raise PosthocError(f"--valid-labels names classes outside the model's 0..{model_classes - 1}; check the file")
+    if model_classes and expected != data_classes:
+        what = (
+            f"--valid-labels lists {expected} classes" if valid_labels is not None else f"the model predicts {expected} classes"
         )
-    metrics, ens_metrics = ClassificationMetrics(), EnsembleMetrics()
+        raise PosthocError(
+            f"{what} but the data has {data_classes} classes; evaluate on data of the model's label space, or map the "
+            "data's classes onto the model's with --class-map FILE (or --valid-labels FILE for a subset of them)"
+        )
+    valid = torch.as_tensor(list(valid_labels), dtype=torch.long) if valid_labels is not None else None
+    metrics, ens_metrics, real = ClassificationMetrics(), EnsembleMetrics(), _RealAccuracy(real_labels)
     seconds, images = 0.0, 0
     for x, y in progress(loader, description=description, enabled=show_progress):
         x = x.to(device, dtype=dtype, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         synchronize(device)
         start = time.perf_counter()
         with autocast(device, amp):
@@ -180,7 +369,11 @@ def evaluate(
         synchronize(device)
         seconds += time.perf_counter() - start
         images += x.shape[0]
+        if valid is not None:
+            probs = _restrict(probs, valid)
+            member_probs = None if member_probs is None else _restrict(member_probs, valid)
         metrics.update(probs, y)
+        real.update(probs)
         if member_probs is not None:
             ens_metrics.update(member_probs, y)
     if images == 0:
@@ -203,11 +396,56 @@ def evaluate(
         "throughput": round(images / max(seconds, 1e-9), 2),
         "images": images,
     }
+    if real_labels is not None:
+        top1, top5, counted = real.compute()
+        result.update(
+            top1_original=result["top1"],
+            top1=round(top1, 4),
+            top1_err=round(100 - top1, 4),
+            top5=round(top5, 4),
+            top5_err=round(100 - top5, 4),
+            real_images=counted,
+        )
     if is_ensemble(model):
         result["members"] = int(model.num_members)
         result.update({k: round(v, 4) for k, v in ens_metrics.compute().items()})
     result["reliability"] = metrics.reliability()
     return result
+
+
+def _restrict(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Probabilities over the ``valid`` classes only, renormalised: ``p(y | y in valid)``."""
+    sub = probs.index_select(-1, valid.to(probs.device))
+    return sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class _RealAccuracy:
+    """ReaL top-1 / top-5: a prediction is correct when it is in the image's label set; images with an empty
+    set are not counted (Beyer et al. 2020, as timm's ``RealLabelsImagenet``)."""
+
+    def __init__(self, labels: Sequence[Sequence[int]] | None):
+        self.labels, self.position, self.hits1, self.hits5, self.counted = labels, 0, 0, 0, 0
+
+    def update(self, probs: torch.Tensor) -> None:
+        if self.labels is None:
+            return
+        top5 = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu().tolist()
+        for row in top5:
+            truth = set(self.labels[self.position])
+            self.position += 1
+            if truth:
+                self.counted += 1
+                self.hits1 += row[0] in truth
+                self.hits5 += any(c in truth for c in row)
+
+    def compute(self) -> tuple[float, float, int]:
+        if self.position != len(self.labels):
+            raise PosthocError(
+                f"--real-labels has {len(self.labels)} entries but {self.position} images were evaluated; "
+                "use the labels of exactly this split"
+            )
+        n = max(self.counted, 1)
+        return 100.0 * self.hits1 / n, 100.0 * self.hits5 / n, self.counted
 
 
 HEADLINE = ("top1", "top5", "nll", "ece", "brier", "member_top1", "disagreement")

@@ -89,6 +89,29 @@ def load_model(
     return model.eval()
 
 
+def expand_specs(specs: list[str], model_list: str | Path | None = None) -> list[str]:
+    """Model specs from the command line and a model list (one per line, ``#`` comments), with timm-style
+    wildcards (``resnet5*.a1_in1k``) expanded over timm's pretrained names, as timm's ``validate.py``."""
+    out = list(specs)
+    if model_list is not None:
+        path = Path(model_list)
+        if not path.is_file():
+            raise PosthocError(f"model list {path} does not exist; give a text file with one model spec per line")
+        out += [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    expanded: list[str] = []
+    for spec in filter(None, out):
+        if any(c in spec for c in "*?[") and not Path(spec).exists():
+            names = timm.list_pretrained(spec)
+            if not names:
+                raise PosthocError(f"no timm pretrained model matches '{spec}'; see timm.list_pretrained()")
+            expanded += names
+        else:
+            expanded.append(spec)
+    if not expanded:
+        raise PosthocError("no model to evaluate; give model specs or --model-list FILE")
+    return list(dict.fromkeys(expanded))
+
+
 def load_artifact(spec: str | Path, strategy: str = "auto", fold_bn: bool = True) -> EnsembleModule:
     """Load an ensemble artifact as one ``torch.nn.Module`` (this is ``posthoc.load``).
 

@@ -186,6 +186,8 @@ def train_epochs(
     train_modules: Sequence[nn.Module] = (),
     select_by: str = "nll",
     calibrated: bool = False,
+    amp: bool = False,
+    device: torch.device | None = None,
     show_progress: bool = False,
     description: str = "train",
 ) -> tuple[int, list[dict[str, float]]]:
@@ -236,6 +238,8 @@ def train_epochs(
             steps=steps_per_epoch,
             scheduler=sched,
             regularizer=regularizer,
+            amp=amp,
+            device=device,
             show_progress=show_progress,
             description=f"{description} epoch {epoch}/{epochs}",
         )

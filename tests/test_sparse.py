@@ -230,3 +230,8 @@ def test_budget_is_printed_before_training(tmp_path, capsys, resnet_dir, image_d
 def test_unknown_option_for_sparse():
     with pytest.raises(PosthocError, match="unknown option --density"):
         make_config(SparseConfig, {"density": 0.5})
+
+
+def test_children_train_under_bfloat16_autocast_on_cpu(tmp_path, resnet_dir, image_data):
+    summary = _boost(resnet_dir, image_data, tmp_path / "a", members=2, amp=True)
+    assert summary["members"] == 2 and all(c["steps"] > 0 for c in summary["notes"]["children"].values())

@@ -133,6 +133,7 @@ def retrain(
     seed: int,
     stage_caches: dict[int, tuple] | None = None,
     calibrated: bool = False,
+    amp: bool = False,
     show_progress: bool = False,
     log: Callable[[str], None] = lambda m: None,
     name: str = "model",
@@ -207,6 +208,8 @@ def retrain(
             train_modules=bn_modules if cfg.bn == "train" else [],
             select_by=cfg.select_by,
             calibrated=calibrated,
+            amp=amp,
+            device=device,
             show_progress=show_progress,
             description=f"{name} layer {unit}",
         )

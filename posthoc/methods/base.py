@@ -205,6 +205,7 @@ class BoostContext:
     log: Callable[[str], None] = print
     show_progress: bool = True
     temperature_scaling: bool = True  # boost fits a temperature at the end: methods may select epochs after scaling
+    amp: bool = False  # mixed precision in every training loop (float16 + GradScaler on CUDA, bfloat16 on CPU)
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property

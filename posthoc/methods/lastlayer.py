@@ -64,6 +64,7 @@ class LastLayer(Method):
             ctx.device,
             seed=cfg.seed,
             calibrated=ctx.temperature_scaling,
+            amp=ctx.amp,
             show_progress=ctx.show_progress,
             log=ctx.log,
             name=name,

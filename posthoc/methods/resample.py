@@ -232,6 +232,7 @@ def finetune_with_stats(
     every: int = 1,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    amp: bool = False,
     show_progress: bool = False,
 ) -> tuple[WelfordStats, dict[str, float]]:
     """Fine-tune ``model`` in place for ``steps`` SGD steps and record the Welford statistics.
@@ -259,6 +260,7 @@ def finetune_with_stats(
         steps=steps,
         after_step=record,
         device=torch.device(device),
+        amp=amp,
         window=window,
         show_progress=show_progress,
         description="fine-tune",
@@ -473,6 +475,7 @@ class Resample(Method):
             every=cfg.every,
             dtype=STATS_DTYPES[cfg.stats_dtype],
             device=ctx.device,
+            amp=ctx.amp,
             show_progress=ctx.show_progress,
         )
         ctx.note("steps", summary["steps"])

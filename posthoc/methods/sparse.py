@@ -306,6 +306,7 @@ def tune_child(
         steps=steps,
         scheduler=sched,
         device=ctx.device,
+        amp=ctx.amp,
         after_step=annealer.draw if annealer else None,
         show_progress=ctx.show_progress,
         description=f"child {index + 1}/{cfg.children}",

@@ -163,6 +163,8 @@ def couple(
         steps_per_epoch=len(batches_of(order, batch_size)),
         select_by="nll",
         calibrated=calibrated,
+        amp=ctx.amp,
+        device=ctx.device,
         show_progress=ctx.show_progress,
         description="coupling",
     )
@@ -259,6 +261,7 @@ class SuperNet(Method):
                     ctx.device,
                     seed=derive_seed(cfg.seed, 1009 * p + i % copies),
                     stage_caches=stage_caches.setdefault(p, {}),
+                    amp=ctx.amp,
                     show_progress=ctx.show_progress,
                     log=ctx.log,
                     name=name,
