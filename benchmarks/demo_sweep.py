@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = {
     "noisy": ("noisy", {}),
+    "noisy (no temperature)": ("noisy", {"temperature_scaling": False}),
+    "resample (mean, no temperature)": ("resample", {"members": 1, "include_mean": True, "temperature_scaling": False}),
     "resample (mean model)": ("resample", {"members": 1, "include_mean": True}),
     "resample (4 draws)": ("resample", {"members": 4}),
     "lastlayer": ("lastlayer", {}),
@@ -50,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--parent-epochs", type=int, default=20)
     args = ap.parse_args()
 
     from posthoc import load, load_model
@@ -63,7 +66,7 @@ def main() -> None:
         data = write_digits(Path(tmp) / "digits")
         first = len(open_split(data, "val:select")) // 2
         for seed in map(int, args.seeds.split(",")):
-            parent_dir = train_parent(data, Path(tmp) / f"parent{seed}", seed=seed)
+            parent_dir = train_parent(data, Path(tmp) / f"parent{seed}", epochs=args.parent_epochs, seed=seed)
             parent = load_model(str(parent_dir))
             loader = make_loader(inner_holdout(data, eval_transform(resolve_data_config(parent)), first), 256, workers=0)
             base = evaluate(parent, loader, show_progress=False)
@@ -115,8 +118,9 @@ def main() -> None:
         + "\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo_sweep.json").write_text(json.dumps(runs, indent=1) + "\n")
-    (args.out / "demo_sweep.md").write_text(text)
+    name = f"demo_sweep_{args.parent_epochs}ep"
+    (args.out / f"{name}.json").write_text(json.dumps(runs, indent=1) + "\n")
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 
