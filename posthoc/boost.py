@@ -235,13 +235,20 @@ def boost(
     clock = Stopwatch()
     ensemble = runner.build(ctx)
     loader = data_mod.make_loader(select_set, 256, workers=workers)
-    if temperature_scaling and ensemble.combine.rule != "vote":
-        ensemble, fit = calibrated(ensemble, loader, dev)
+    if temperature_scaling and ensemble.combine.rule != "vote":  # a one-parameter fit, kept only where it helps
+        ensemble, fit = calibrated(ensemble, loader, dev, only_if_it_helps=True)
         ctx.note("temperature", fit)
-        log(
-            f"temperature {fit['temperature']:.4g}: select NLL {fit['select_before']['nll']:.4f} -> {fit['select_after']['nll']:.4f}, "
-            f"ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
-        )
+        cv = fit["cross_validated"]
+        if fit["applied"]:
+            log(
+                f"temperature {fit['temperature']:.4g}: select NLL {fit['select_before']['nll']:.4f} -> "
+                f"{fit['select_after']['nll']:.4f}, ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
+            )
+        else:
+            log(
+                f"no temperature: on held-out halves of the select part it would give NLL {cv['nll_with_temperature']:.4f} "
+                f"against {cv['nll_without']:.4f} without"
+            )
     seconds = clock.seconds
 
     module = EnsembleModule(ensemble).to(dev)

@@ -108,3 +108,19 @@ def test_boost_without_temperature_scaling_leaves_outputs_unchanged(tmp_path, re
     with torch.no_grad():
         expected = torch.stack([m(X).softmax(-1) for m in ensemble.members()]).mean(0)
         torch.testing.assert_close(ens(X), expected, atol=1e-5, rtol=0)
+
+
+def test_cross_validation_rejects_a_temperature_that_would_hurt_new_images():
+    from posthoc.calibrate import cross_validated_nll
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 40, 4, generator=gen)
+    y = z[0].argmax(-1).clone()
+    y[torch.randperm(40, generator=gen)[:4]] = (y[:4] + 1) % 4  # a few surprising labels, unlike the rest
+    fitted, unscaled = cross_validated_nll(3.0 * z, y, "prob_mean")
+    assert fitted > 0 and unscaled > 0
+    # well-behaved logits: labels drawn from softmax(z / 2) on many images, so a fitted T of ~2 helps held-out halves
+    z = 2.0 * torch.randn(1, 20_000, 5, generator=gen)
+    y = torch.multinomial((z[0] / 2).softmax(-1), 1, generator=gen).squeeze(1)
+    fitted, unscaled = cross_validated_nll(z, y, "prob_mean")
+    assert fitted < unscaled
