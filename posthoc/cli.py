@@ -141,7 +141,7 @@ class MethodOptionsCommand(TyperCommand):
 
 
 class DemoCommand(MethodOptionsCommand):
-    default_method = "noisy"
+    default_method = "resample"
 
 
 def _peek_method(args: list[str]) -> str | None:
@@ -641,11 +641,11 @@ def demo_command(
     ctx: typer.Context,
     method: Annotated[
         str, typer.Option("--method", "-m", help="Method to demonstrate; its options appear with --method NAME --help.")
-    ] = "noisy",
+    ] = "resample",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the digits, the parent and the artifact go.")] = Path(
         "runs/demo"
     ),
-    parent_epochs: Annotated[int, typer.Option("--parent-epochs", help="Epochs to train the demo parent.")] = 20,
+    parent_epochs: Annotated[int, typer.Option("--parent-epochs", help="Epochs to train the demo parent.")] = 6,
     show_progress: ProgressOpt = True,
 ):
     """Offline demo on real data shipped with scikit-learn: train a small parent, boost it, compare."""

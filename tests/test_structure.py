@@ -136,7 +136,21 @@ RUNS = {
         "3d22d770295e5f4f87bd04ca6dbdab222737c478328c78702716d0b7a60302b6",
     ),
     "resample": (
-        ["--method", "resample", "--epochs", "0.5", "--members", "2", "--bn-batches", "2", "--batch-size", "16", "--seed", "1"],
+        [
+            "--method",
+            "resample",
+            "--epochs",
+            "0.5",
+            "--members",
+            "2",
+            "--no-include-mean",
+            "--bn-batches",
+            "2",
+            "--batch-size",
+            "16",
+            "--seed",
+            "1",
+        ],
         "10c22816c4a6adf4d5306662139f95c06e15fd267798d56c3b1c9aabed423cf9",
     ),
     "resample_mean": (

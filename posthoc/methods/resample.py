@@ -57,13 +57,12 @@ class ResampleConfig(MethodConfig):
     burn_in: int = option(0, "Optimizer steps before the statistics start recording.", ge=0)
     every: int = option(1, "Record the weights every N optimizer steps after the burn-in (the paper: 1).", ge=1)
     members: int = option(
-        8,
-        "Members of the artifact: the mean model (with --include-mean) and networks drawn from N(mean, (std-scale*std)^2).",
+        1,
+        "Members of the artifact: the mean model (with --include-mean) and networks drawn from N(mean, (std-scale*std)^2); "
+        "the default, 1, is the mean model alone (draws did not beat it on the select part, benchmarks/results/budget_sweep.md).",
         ge=1,
     )
-    include_mean: bool = option(
-        False, "Make the mean model one of the members (--members 1 --include-mean: the mean model alone)."
-    )
+    include_mean: bool = option(True, "Make the mean model one of the members.")
     std_scale: float = option(1.0, "Multiplier on the measured std when drawing members (the paper: 1).", gt=0)
     stats_dtype: str = option("float32", "Dtype of the Welford accumulators: float32 or float64.", choices=tuple(STATS_DTYPES))
     bn_batches: int = option(
