@@ -176,6 +176,7 @@ def parent_epoch_seconds(parent: str, data: Path) -> float:
     """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as BENCH.md says."""
     from posthoc import load_model
     from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
+    from posthoc.training import train_steps
 
     model = load_model(parent)
     loader = make_loader(
@@ -184,10 +185,7 @@ def parent_epoch_seconds(parent: str, data: Path) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     start = time.perf_counter()
-    for x, y in loader:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(model, loader, opt, steps=len(loader))
     return time.perf_counter() - start
 
 
