@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from . import data as data_mod
+from . import distributed
 from .artifact import check_output, save
 from .calibrate import calibrated
 from .cost import cost_summary, fits
@@ -39,6 +40,10 @@ def default_out(specs: list[str], method: str) -> Path:
         r"[^A-Za-z0-9_.-]+", "_", Path(name).stem if Path(name).suffix in (".safetensors", ".pth", ".pt", ".bin") else name
     )
     return Path("runs") / f"{name}-{method}"
+
+
+def _quiet(message: str) -> None:
+    """Where the other processes' log lines go: rank 0 prints for all of them."""
 
 
 def runner_outputs(cfg: Any) -> list[Path]:
@@ -153,7 +158,13 @@ def boost(
         A summary: ``out``, ``seconds`` (method wall time), the ensemble's and the first parent's
         metrics on the select part, what the method measured (``notes``), ``members`` and the inference
         ``cost`` (members, parameters, FLOPs and measured time ratios against the parent).
+
+    Under torchrun (:mod:`posthoc.distributed`) every process calls ``boost``: the method splits its work
+    among them, then rank 0 alone calibrates, measures and writes the artifact, once every process has
+    done its share; every process returns the summary.
     """
+    if not distributed.is_main():  # rank 0 speaks for every process
+        log = warn = _quiet
     method_cls = get_method(method)
     cfg = make_config(method_cls.Config, config, warn=warn)
     if inference_budget is not None and not inference_budget >= 1:
@@ -202,16 +213,18 @@ def boost(
 
     quick_look = subset
 
-    def make_train_loader(batch_size, shuffle, seed, augment, subset, sample=None):
+    def make_train_loader(batch_size, shuffle, seed, augment, subset, sample=None, shard=None):
         tf = data_mod.train_transform(data_config, augment)
         ds = data_mod.open_split(train_source, train_split, tf, subset=subset or quick_look, **options)
-        return data_mod.make_loader(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle, sample=sample)
+        return data_mod.make_loader(
+            ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, drop_last=shuffle, sample=sample, shard=shard
+        )
 
-    def make_select_loader(batch_size, subset):
+    def make_select_loader(batch_size, subset, shard=None):
         ds = data_mod.open_split(
             select_source, select_spec, eval_tf, select_size=select_size, subset=subset or quick_look, **options
         )
-        return data_mod.make_loader(ds, batch_size, workers=workers)
+        return data_mod.make_loader(ds, batch_size, workers=workers, shard=shard)
 
     ctx = BoostContext(
         parents=parents,
@@ -233,81 +246,89 @@ def boost(
             log(line)
     seed_everything(cfg.seed)
     clock = Stopwatch()
-    ensemble = runner.build(ctx)
-    loader = data_mod.make_loader(select_set, 256, workers=workers)
-    if temperature_scaling and ensemble.combine.rule != "vote":  # a one-parameter fit, kept only where it helps
-        ensemble, fit = calibrated(ensemble, loader, dev, only_if_it_helps=True)
-        ctx.note("temperature", fit)
-        cv = fit["cross_validated"]
-        if fit["applied"]:
-            log(
-                f"temperature {fit['temperature']:.4g}: select NLL {fit['select_before']['nll']:.4f} -> "
-                f"{fit['select_after']['nll']:.4f}, ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
-            )
-        else:
-            log(
-                f"no temperature: on held-out halves of the select part it would give NLL {cv['nll_with_temperature']:.4f} "
-                f"against {cv['nll_without']:.4f} without"
-            )
-    seconds = clock.seconds
+    ensemble = runner.build(ctx)  # every process does its share; the ensemble is complete on rank 0
+    distributed.barrier()  # rank 0 may have trained alone for a while: wait without a time limit
+    skipped_elsewhere = int(distributed.sum_across(data_mod.skipped_images())) - data_mod.skipped_images()
 
-    module = EnsembleModule(ensemble).to(dev)
-    ens_metrics = headline(evaluate(module, loader, device=dev, show_progress=False))
-    parent_metrics = headline(evaluate(parents[0], loader, device=dev, show_progress=False))
-    cost = cost_summary(module, parents[0])
-    if inference_budget is not None:
-        cost["budget"] = inference_budget
-        if not fits(cost["flops_ratio"], inference_budget):
-            (warn or log)(
-                f"the artifact costs {cost['flops_ratio']:.2f}x the parent's FLOPs, over --inference-budget "
-                f"{inference_budget:g}, because of the options given explicitly"
-            )
-    ctx.note("inference_cost", cost)
-    provenance = Provenance(
-        method=method,
-        config=dataclasses.asdict(runner.config),
-        measured=ctx.notes,
-        include_parent=runner.includes_parent(),
-        sources=list(models),
-        data={
-            "dataset": str(data),
-            "train_split": train_split,
-            "tuned_on": str(select_spec),
-            "select_size": len(select_set),
-            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        },
-        # wall time is reported, not stored: the same seed must give a bit-identical artifact
-        metrics={str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics},
-        command=command,
-    )
-    log(f"writing {out} ...")
-    save(ensemble, out, provenance, overwrite=overwrite, dtype=storage_dtype(parents, dtype))
-    if skip_bad_images and data_mod.skipped_images():
-        (warn or log)(f"skipped {data_mod.skipped_images()} unreadable image(s) (see the warnings above)")
-    student = None
-    if distill is not None:
-        student = distill_artifact(
-            str(out),
-            data,
-            final_out,
-            config=distill,
-            train_split=train_split,
-            val_split=val_split,
-            temperature_scaling=temperature_scaling,
-            device=device,
-            workers=workers,
-            overwrite=overwrite,
-            show_progress=show_progress,
-            log=log,
+    def finish() -> dict[str, Any]:  # rank 0: calibrate, measure, write
+        nonlocal ensemble
+        loader = data_mod.make_loader(select_set, 256, workers=workers)
+        if temperature_scaling and ensemble.combine.rule != "vote":  # a one-parameter fit, kept only where it helps
+            ensemble, fit = calibrated(ensemble, loader, dev, only_if_it_helps=True)
+            ctx.note("temperature", fit)
+            cv = fit["cross_validated"]
+            if fit["applied"]:
+                log(
+                    f"temperature {fit['temperature']:.4g}: select NLL {fit['select_before']['nll']:.4f} -> "
+                    f"{fit['select_after']['nll']:.4f}, ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
+                )
+            else:
+                log(
+                    f"no temperature: on held-out halves of the select part it would give NLL {cv['nll_with_temperature']:.4f} "
+                    f"against {cv['nll_without']:.4f} without"
+                )
+        seconds = clock.seconds
+
+        module = EnsembleModule(ensemble).to(dev)
+        ens_metrics = headline(evaluate(module, loader, device=dev, show_progress=False))
+        parent_metrics = headline(evaluate(parents[0], loader, device=dev, show_progress=False))
+        cost = cost_summary(module, parents[0])
+        if inference_budget is not None:
+            cost["budget"] = inference_budget
+            if not fits(cost["flops_ratio"], inference_budget):
+                (warn or log)(
+                    f"the artifact costs {cost['flops_ratio']:.2f}x the parent's FLOPs, over --inference-budget "
+                    f"{inference_budget:g}, because of the options given explicitly"
+                )
+        ctx.note("inference_cost", cost)
+        provenance = Provenance(
+            method=method,
+            config=dataclasses.asdict(runner.config),
+            measured=ctx.notes,
+            include_parent=runner.includes_parent(),
+            sources=list(models),
+            data={
+                "dataset": str(data),
+                "train_split": train_split,
+                "tuned_on": str(select_spec),
+                "select_size": len(select_set),
+                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+            },
+            # wall time is reported, not stored: the same seed must give a bit-identical artifact
+            metrics={str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics},
             command=command,
         )
-    return {
-        "out": str(out),
-        "seconds": seconds,
-        "ensemble": ens_metrics,
-        "parent": parent_metrics,
-        "notes": ctx.notes,
-        "members": ensemble.num_members,
-        "cost": cost,
-        "student": student,
-    }
+        log(f"writing {out} ...")
+        save(ensemble, out, provenance, overwrite=overwrite, dtype=storage_dtype(parents, dtype))
+        skipped = skipped_elsewhere + data_mod.skipped_images()
+        if skip_bad_images and skipped:
+            (warn or log)(f"skipped {skipped} unreadable image(s) (see the warnings above)")
+        student = None
+        if distill is not None:
+            student = distill_artifact(
+                str(out),
+                data,
+                final_out,
+                config=distill,
+                train_split=train_split,
+                val_split=val_split,
+                temperature_scaling=temperature_scaling,
+                device=device,
+                workers=workers,
+                overwrite=overwrite,
+                show_progress=show_progress,
+                log=log,
+                command=command,
+            )
+        return {
+            "out": str(out),
+            "seconds": seconds,
+            "ensemble": ens_metrics,
+            "parent": parent_metrics,
+            "notes": ctx.notes,
+            "members": ensemble.num_members,
+            "cost": cost,
+            "student": student,
+        }
+
+    return distributed.on_main(finish)

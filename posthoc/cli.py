@@ -8,9 +8,11 @@ them with their defaults and choices.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -20,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
+from . import distributed
 from .errors import PosthocError
 
 app = typer.Typer(
@@ -66,6 +69,16 @@ ClassMapOpt = Annotated[
 SkipBadOpt = Annotated[
     bool, typer.Option("--skip-bad-images", help="Skip unreadable images (each named, counted at the end) instead of stopping.")
 ]
+
+
+def on_rank_zero(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that does not split its work: under torchrun rank 0 runs it while the others wait."""
+
+    @functools.wraps(command)
+    def run_on_rank_zero(*args: Any, **kwargs: Any) -> Any:
+        return distributed.on_main(lambda: command(*args, **kwargs))
+
+    return run_on_rank_zero
 
 
 def _log(message: str) -> None:
@@ -519,6 +532,7 @@ def _refuse_values_of_switches(models: list[str], ctx) -> None:
 
 # ----------------------------------------------------------------------------------- calibrate
 @app.command("calibrate")
+@on_rank_zero
 def calibrate_command(
     model: ModelArg,
     data: DataOpt,
@@ -564,6 +578,7 @@ def calibrate_command(
 
 # ------------------------------------------------------------------------------------- distill
 @app.command("distill")
+@on_rank_zero
 def distill_command(
     teacher: Annotated[str, typer.Argument(help="An ensemble artifact (directory or hf-hub:org/name).")],
     data: DataOpt,
@@ -637,6 +652,7 @@ def distill_command(
 
 # ---------------------------------------------------------------------------------------- demo
 @app.command("demo", cls=DemoCommand)
+@on_rank_zero
 def demo_command(
     ctx: typer.Context,
     method: Annotated[
@@ -696,6 +712,7 @@ def methods_command(name: Annotated[Optional[str], typer.Argument(help="Show one
 
 # ------------------------------------------------------------------------------------ ensemble
 @app.command("ensemble")
+@on_rank_zero
 def ensemble_command(
     models: Annotated[list[str], typer.Argument(help="Two or more model specs of one label space.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write.")],
@@ -717,6 +734,7 @@ def ensemble_command(
 
 # ---------------------------------------------------------------------------------------- info
 @app.command("info")
+@on_rank_zero
 def info_command(artifact: Annotated[str, typer.Argument(help="An artifact directory or hf-hub:org/name.")]):
     """Show an artifact's members, method, what is shared, sizes and stored metrics."""
     from .artifact import read, summarize
@@ -735,6 +753,7 @@ def info_command(artifact: Annotated[str, typer.Argument(help="An artifact direc
 
 # ---------------------------------------------------------------------------------------- push
 @app.command("push")
+@on_rank_zero
 def push_command(
     artifact: Annotated[Path, typer.Argument(help="An artifact directory.")],
     repo: Annotated[str, typer.Option("--repo", help="Hub model repository, org/name (created if absent).")],
@@ -763,18 +782,31 @@ def push_command(
 
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit status; user errors become one line and status 2."""
+    """Run the CLI and return its exit status; user errors become one line and status 2.
+
+    Launched by torchrun (``WORLD_SIZE > 1``), every process runs the command (:mod:`posthoc.distributed`):
+    ``eval`` and ``boost`` split their work, the other commands run on rank 0; only rank 0 prints, and a
+    failure on any process ends all of them after rank 0 printed its one line.
+    """
+    return distributed.run(lambda: _run(argv), report=_print_error)
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _run(argv: list[str] | None) -> int:
+    console.quiet = err_console.quiet = not distributed.is_main()  # rank 0 prints for all processes
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="posthoc", standalone_mode=False)
-    except PosthocError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return PosthocError.exit_code
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         return 130
+    except PosthocError:
+        raise
     except Exception as e:  # usage errors of the command-line parser (typer's own click)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise

@@ -37,10 +37,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, SubsetRandomSampler, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    default_collate,
+)
 from torchvision import datasets
 from torchvision import transforms as T
 
+from . import distributed
 from .errors import PosthocError, first_line
 from .runtime import seeded_generator
 
@@ -450,28 +460,47 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool | None = None,
     sample: Sequence[int] | None = None,
+    shard: str | None = None,
 ) -> DataLoader:
     """A DataLoader with workers and pinned memory (when CUDA is present) by default.
 
     Shuffling uses a generator seeded with ``seed``, so the same seed gives the same batch order.
     ``sample`` (indices, repeats allowed: a bootstrap sample) replaces the dataset by those images, in
     a seeded random order.
+
+    With several processes (:mod:`posthoc.distributed`), ``shard`` splits the batches among them:
+    ``"batches"`` gives each process whole batches of the single-process batching (evaluation and
+    caching: every image to exactly one process, outputs bit-identical), ``"split"`` cuts every batch of
+    ``batch_size * processes`` images into one ``batch_size`` slice per process (data-parallel training:
+    ``batch_size`` is per process, as in timm). With one process ``shard`` changes nothing.
     """
+    if shard not in (None, "batches", "split"):
+        raise ValueError(f"shard must be None, 'batches' or 'split', got {shard!r}")
     workers = default_workers() if workers is None else workers
     generator = seeded_generator(seed)
     sampler = None
     if sample is not None:
         sampler, shuffle = SubsetRandomSampler(list(sample), generator=generator), False
-    drop_last = drop_last and (len(dataset) if sample is None else len(sample)) > batch_size  # never drop the only batch
-    return DataLoader(
-        dataset,
+    size = len(dataset) if sample is None else len(sample)
+    options = dict(
         collate_fn=collate_readable,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=False,
-        drop_last=drop_last,
         generator=generator,
     )
+    if shard is not None and distributed.world_size() > 1:
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        if shard == "split":
+            if size < distributed.world_size():
+                raise PosthocError(
+                    f"{size} training images cannot be split among {distributed.world_size()} processes; use more images or fewer processes"
+                )
+            global_batch = batch_size * distributed.world_size()
+            batches = BatchSampler(sampler, global_batch, drop_last and size > global_batch)
+            return DataLoader(dataset, batch_sampler=distributed.SplitBatches(batches), **options)
+        batches = BatchSampler(sampler, batch_size, drop_last and size > batch_size)
+        return DataLoader(dataset, batch_sampler=distributed.ShardedBatches(batches), **options)
+    drop_last = drop_last and size > batch_size  # never drop the only batch
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last, **options)

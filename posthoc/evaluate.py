@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import distributed
 from .errors import PosthocError
 from .metrics import ClassificationMetrics, EnsembleMetrics
 from .paths import ensure_writable, write_text_atomically
@@ -106,7 +107,7 @@ def evaluate_spec(
         skip_bad=skip_bad_images,
     )
     real = read_real_labels(real_labels, dataset) if real_labels is not None else None
-    loader = data_mod.make_loader(dataset, batch_size, workers=workers)
+    loader = data_mod.make_loader(dataset, batch_size, workers=workers, shard="batches")
     module = torch.compile(net) if compile else net
     for attr in ("num_classes", "pretrained_cfg", "posthoc_name", "returns_probabilities", "num_members", "num_parameters"):
         if hasattr(net, attr) and module is not net:
@@ -126,7 +127,7 @@ def evaluate_spec(
     result["model"] = spec
     result["split"] = str(part)
     if skip_bad_images:
-        result["skipped_images"] = data_mod.skipped_images()
+        result["skipped_images"] = int(distributed.sum_across(data_mod.skipped_images()))
     return result
 
 
@@ -337,6 +338,11 @@ def evaluate(
     set of labels counted correct: ``top1`` / ``top5`` are then ReaL accuracies over the images with a
     non-empty set (timm's convention) and ``top1_original`` the plain one. ``channels_last`` (default:
     on CUDA) feeds the model channels-last tensors.
+
+    A loader whose batches are split among processes (``make_loader(..., shard="batches")``, as
+    :func:`evaluate_spec` makes under torchrun) is evaluated in parallel: the per-batch sums of every
+    process are added in batch order, so every metric equals the single-process one exactly;
+    ``throughput`` is the sum of the processes' and an error on one process is raised on all.
     """
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     model = model.to(device=device, dtype=dtype).eval()
@@ -356,26 +362,40 @@ def evaluate(
             "data's classes onto the model's with --class-map FILE (or --valid-labels FILE for a subset of them)"
         )
     valid = torch.as_tensor(list(valid_labels), dtype=torch.long) if valid_labels is not None else None
-    metrics, ens_metrics, real = ClassificationMetrics(), EnsembleMetrics(), _RealAccuracy(real_labels)
-    seconds, images = 0.0, 0
-    for x, y in progress(loader, description=description, enabled=show_progress):
-        x = x.to(device, dtype=dtype, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast(device, amp):
-            probs, member_probs = predict(model, x, members=True)
-        synchronize(device)
-        seconds += time.perf_counter() - start
-        images += x.shape[0]
-        if valid is not None:
-            probs = _restrict(probs, valid)
-            member_probs = None if member_probs is None else _restrict(member_probs, valid)
-        metrics.update(probs, y)
-        real.update(probs)
-        if member_probs is not None:
-            ens_metrics.update(member_probs, y)
+    sharded = isinstance(getattr(loader, "batch_sampler", None), distributed.ShardedBatches)
+    order = [i for batch in loader.batch_sampler for i in batch] if sharded and real_labels is not None else None
+    metrics, ens_metrics, real = ClassificationMetrics(), EnsembleMetrics(), _RealAccuracy(real_labels, order)
+    seconds, images, error = 0.0, 0, None
+    try:
+        for x, y in progress(loader, description=description, enabled=show_progress):
+            x = x.to(device, dtype=dtype, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, amp):
+                probs, member_probs = predict(model, x, members=True)
+            synchronize(device)
+            seconds += time.perf_counter() - start
+            images += x.shape[0]
+            if valid is not None:
+                probs = _restrict(probs, valid)
+                member_probs = None if member_probs is None else _restrict(member_probs, valid)
+            metrics.update(probs, y)
+            real.update(probs)
+            if member_probs is not None:
+                ens_metrics.update(member_probs, y)
+    except PosthocError as e:  # e.g. an unreadable image in one process's share: every process stops with it
+        error = e
+    throughput = images / max(seconds, 1e-9)
+    if sharded:  # each process evaluated a block of batches: sum them in batch order, add up the speeds
+        distributed.raise_any(error)
+        metrics.reduce()
+        ens_metrics.reduce()
+        real.reduce()
+        images, throughput = int(distributed.sum_across(images)), distributed.sum_across(throughput)
+    elif error is not None:
+        raise error
     if images == 0:
         raise PosthocError("the evaluation data is empty; check --data, --split and --subset")
     m = metrics.compute()
@@ -393,7 +413,7 @@ def evaluate(
         "nll": round(m["nll"], 5),
         "ece": round(m["ece"], 4),
         "brier": round(m["brier"], 5),
-        "throughput": round(images / max(seconds, 1e-9), 2),
+        "throughput": round(throughput, 2),
         "images": images,
     }
     if real_labels is not None:
@@ -423,20 +443,29 @@ class _RealAccuracy:
     """ReaL top-1 / top-5: a prediction is correct when it is in the image's label set; images with an empty
     set are not counted (Beyer et al. 2020, as timm's ``RealLabelsImagenet``)."""
 
-    def __init__(self, labels: Sequence[Sequence[int]] | None):
-        self.labels, self.position, self.hits1, self.hits5, self.counted = labels, 0, 0, 0, 0
+    def __init__(self, labels: Sequence[Sequence[int]] | None, order: Sequence[int] | None = None):
+        """``order``: the images this process evaluates, as positions in the split (default: all, in order)."""
+        self.labels, self.order = labels, order
+        self.position, self.hits1, self.hits5, self.counted = 0, 0, 0, 0
 
     def update(self, probs: torch.Tensor) -> None:
         if self.labels is None:
             return
         top5 = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu().tolist()
         for row in top5:
-            truth = set(self.labels[self.position])
+            index = self.position if self.order is None else self.order[self.position]
+            truth = set(self.labels[index])
             self.position += 1
             if truth:
                 self.counted += 1
                 self.hits1 += row[0] in truth
                 self.hits5 += any(c in truth for c in row)
+
+    def reduce(self) -> None:
+        """Add up every process's counts (a no-op with one process)."""
+        if self.labels is not None:
+            parts = distributed.all_gather((self.position, self.hits1, self.hits5, self.counted))
+            self.position, self.hits1, self.hits5, self.counted = (sum(p[i] for p in parts) for i in range(4))
 
     def compute(self) -> tuple[float, float, int]:
         if self.position != len(self.labels):
@@ -473,7 +502,10 @@ def check_results_file(path: str | Path | None) -> None:
 
 def write_results(results: dict[str, Any] | list[dict[str, Any]], path: str | Path) -> None:
     """Write results to ``.json`` (all fields; one object, or a list for several models) or ``.csv`` (scalar
-    fields, one row per model), atomically. Missing or undefined values are ``null`` / empty, never ``NaN``."""
+    fields, one row per model), atomically. Missing or undefined values are ``null`` / empty, never ``NaN``.
+    With several processes only rank 0 writes."""
+    if not distributed.is_main():  # with several processes, rank 0 writes
+        return
     path = Path(path)
     rows = results if isinstance(results, list) else [results]
     check_results_file(path)

@@ -23,26 +23,27 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+
 ECE_BINS = 15
 PROB_FLOOR = 1e-12
 
 
 class ClassificationMetrics:
-    """Accumulates top-1, top-5, NLL, ECE and Brier over batches of probabilities."""
+    """Accumulates top-1, top-5, NLL, ECE and Brier over batches of probabilities.
+
+    Each batch adds one row of float64 sums (count, hits, NLL, Brier, and count / confidence / hits per
+    ECE bin: ``5 + 3 * num_bins`` numbers), folded in batch order. When a loader's batches were split
+    across processes (:class:`posthoc.distributed.ShardedBatches`), :meth:`reduce` gathers every process's
+    rows, so the result is bit-identical to one process's.
+    """
 
     def __init__(self, num_bins: int = ECE_BINS):
         self.num_bins = num_bins
         self.reset()
 
     def reset(self) -> None:
-        self.count = 0
-        self.correct1 = 0
-        self.correct5 = 0
-        self.nll_sum = 0.0
-        self.brier_sum = 0.0
-        self.bin_count = torch.zeros(self.num_bins, dtype=torch.float64)
-        self.bin_conf = torch.zeros(self.num_bins, dtype=torch.float64)
-        self.bin_correct = torch.zeros(self.num_bins, dtype=torch.float64)
+        self.rows: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
@@ -53,55 +54,84 @@ class ClassificationMetrics:
         conf, pred = probs.max(dim=1)
         hit = pred.eq(target)
         topk = probs.topk(min(5, c), dim=1).indices
-        self.count += n
-        self.correct1 += int(hit.sum())
-        self.correct5 += int(topk.eq(target[:, None]).any(dim=1).sum())
         p_true = probs.gather(1, target[:, None]).squeeze(1)
-        self.nll_sum += float(-p_true.clamp_min(PROB_FLOOR).log().sum())
         onehot = torch.nn.functional.one_hot(target, c).double()
-        self.brier_sum += float(((probs - onehot) ** 2).sum())
         # bin b holds confidences in (b/B, (b+1)/B]; confidence 0 falls in bin 0
         bins = (conf * self.num_bins).ceil().long().clamp(1, self.num_bins) - 1
-        self.bin_count += torch.bincount(bins, minlength=self.num_bins).double()
-        self.bin_conf += torch.bincount(bins, weights=conf, minlength=self.num_bins)
-        self.bin_correct += torch.bincount(bins, weights=hit.double(), minlength=self.num_bins)
+        sums = torch.tensor(
+            [
+                n,
+                int(hit.sum()),
+                int(topk.eq(target[:, None]).any(dim=1).sum()),
+                float(-p_true.clamp_min(PROB_FLOOR).log().sum()),
+                float(((probs - onehot) ** 2).sum()),
+            ],
+            dtype=torch.float64,
+        )
+        histogram = [
+            torch.bincount(bins, minlength=self.num_bins).double(),
+            torch.bincount(bins, weights=conf, minlength=self.num_bins),
+            torch.bincount(bins, weights=hit.double(), minlength=self.num_bins),
+        ]
+        self.rows.append(torch.cat([sums, *histogram]))
+
+    def reduce(self) -> None:
+        """Every process's batches, in batch order, on every process (a no-op with one process)."""
+        self.rows = [row for part in distributed.all_gather(self.rows) for row in part]
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        """The sums over every batch: ``count``, ``correct1``, ``correct5``, ``nll_sum``, ``brier_sum`` and
+        the per-bin ``bin_count``, ``bin_conf``, ``bin_correct``."""
+        total = torch.zeros(5 + 3 * self.num_bins, dtype=torch.float64)
+        for row in self.rows:
+            total += row
+        b = self.num_bins
+        names = ("count", "correct1", "correct5", "nll_sum", "brier_sum")
+        return {
+            **dict(zip(names, total[:5])),
+            "bin_count": total[5 : 5 + b],
+            "bin_conf": total[5 + b : 5 + 2 * b],
+            "bin_correct": total[5 + 2 * b :],
+        }
 
     def compute(self) -> dict[str, float]:
         """``top1``, ``top5``, ``ece`` in percent; ``nll`` and ``brier`` as means per image."""
-        n = max(self.count, 1)
-        gap = (self.bin_correct - self.bin_conf).abs().sum()
+        t = self.totals()
+        n = max(int(t["count"]), 1)
+        gap = (t["bin_correct"] - t["bin_conf"]).abs().sum()
         return {
-            "top1": 100.0 * self.correct1 / n,
-            "top5": 100.0 * self.correct5 / n,
-            "nll": self.nll_sum / n,
+            "top1": 100.0 * int(t["correct1"]) / n,
+            "top5": 100.0 * int(t["correct5"]) / n,
+            "nll": float(t["nll_sum"]) / n,
             "ece": 100.0 * float(gap) / n,
-            "brier": self.brier_sum / n,
+            "brier": float(t["brier_sum"]) / n,
         }
 
     def reliability(self) -> list[dict[str, float]]:
         """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (for reliability diagrams)."""
+        t = self.totals()
         rows = []
         for b in range(self.num_bins):
-            c = float(self.bin_count[b])
+            c = float(t["bin_count"][b])
             rows.append(
                 {
                     "lower": b / self.num_bins,
                     "upper": (b + 1) / self.num_bins,
                     "count": int(c),
-                    "confidence": float(self.bin_conf[b]) / c if c else float("nan"),
-                    "accuracy": float(self.bin_correct[b]) / c if c else float("nan"),
+                    "confidence": float(t["bin_conf"][b]) / c if c else float("nan"),
+                    "accuracy": float(t["bin_correct"][b]) / c if c else float("nan"),
                 }
             )
         return rows
 
 
 class EnsembleMetrics:
-    """Mean member top-1 (%) and mean pairwise disagreement (%) from per-member probabilities."""
+    """Mean member top-1 (%) and mean pairwise disagreement (%) from per-member probabilities; one row of
+    sums per batch (count, disagreement, hits per member), reduced across processes as
+    :class:`ClassificationMetrics`."""
 
     def __init__(self):
-        self.count = 0
-        self.member_correct: torch.Tensor | None = None
-        self.disagree = 0.0
+        self.rows: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, member_probs: torch.Tensor, target: torch.Tensor) -> None:
@@ -110,23 +140,30 @@ class EnsembleMetrics:
         target = target.detach().long().cpu()
         k = preds.shape[0]
         correct = preds.eq(target[None]).sum(dim=1).double()
-        self.member_correct = correct if self.member_correct is None else self.member_correct + correct
-        self.count += preds.shape[1]
+        disagree = 0.0
         if k > 1:
             differ = preds[:, None, :].ne(preds[None, :, :]).double().sum(dim=-1)  # (K, K)
-            self.disagree += float(differ.triu(diagonal=1).sum()) / (k * (k - 1) / 2)
+            disagree = float(differ.triu(diagonal=1).sum()) / (k * (k - 1) / 2)
+        self.rows.append(torch.cat([torch.tensor([preds.shape[1], disagree], dtype=torch.float64), correct]))
+
+    def reduce(self) -> None:
+        """Every process's batches, in batch order, on every process (a no-op with one process)."""
+        self.rows = [row for part in distributed.all_gather(self.rows) for row in part]
 
     def compute(self) -> dict[str, float]:
         """``member_top1`` (mean, min, max over members) and ``disagreement``, in percent."""
-        if self.member_correct is None:
+        if not self.rows:
             return {}
-        n = max(self.count, 1)
-        member_top1 = 100.0 * self.member_correct / n
+        total = torch.zeros_like(self.rows[0])
+        for row in self.rows:
+            total += row
+        n = max(int(total[0]), 1)
+        member_top1 = 100.0 * total[2:] / n
         return {
             "member_top1": float(member_top1.mean()),
             "member_top1_min": float(member_top1.min()),
             "member_top1_max": float(member_top1.max()),
-            "disagreement": 100.0 * self.disagree / n,
+            "disagreement": 100.0 * float(total[1]) / n,
         }
 
 

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import torch
 
+from . import distributed
 from .errors import PosthocError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -16,13 +17,24 @@ T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error.
+
+    With several processes (:mod:`posthoc.distributed`) each takes its own GPU: ``cuda`` (and ``auto``)
+    mean ``cuda:LOCAL_RANK``.
+    """
     name = (name or "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise PosthocError("CUDA was requested (--device cuda) but no CUDA GPU is available; use --device cpu")
+        if distributed.world_size() > 1:
+            if name != "cuda":
+                raise PosthocError(
+                    f"--device {name} would put all {distributed.world_size()} processes on one GPU; use --device cuda "
+                    "(each process takes cuda:LOCAL_RANK)"
+                )
+            return torch.device("cuda", distributed.local_rank())
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
@@ -72,8 +84,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def progress(iterable: Iterable[T], total: int | None = None, description: str = "", enabled: bool = True) -> Iterator[T]:
-    """A rich progress bar over ``iterable`` (silent when ``enabled`` is false)."""
-    if not enabled:
+    """A rich progress bar over ``iterable`` (silent when ``enabled`` is false, and on every process but rank 0)."""
+    if not enabled or not distributed.is_main():
         yield from iterable
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

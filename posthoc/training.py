@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from . import distributed
 from .errors import PosthocError
 from .metrics import fit_temperature, scores
 from .runtime import autocast, progress, seeded_generator
@@ -327,9 +328,15 @@ def cache_outputs(
     *,
     show_progress: bool = False,
     description: str = "cache",
-) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+    main_only: bool = False,
+) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor | None]:
     """One pass over ``loader``: every ``fn(images)`` (a tuple of tensors) on each batch, the images
-    decoded once for all of them; returns each fn's outputs concatenated on the CPU, and the targets."""
+    decoded once for all of them; returns each fn's outputs concatenated on the CPU, and the targets.
+
+    A loader whose batches are split among processes (``make_loader(..., shard="batches")``) runs in
+    parallel: each process runs its own batches and the outputs are gathered in the single-process order,
+    on every process, or with ``main_only`` on rank 0 only (the others get ``([], None)``).
+    """
     per_fn: list[list[list[torch.Tensor]]] = [[] for _ in fns]
     targets = []
     for x, y in progress(loader, description=description, enabled=show_progress):
@@ -341,7 +348,24 @@ def cache_outputs(
             for lst, t in zip(store, out):
                 lst.append(t.detach().float().cpu().contiguous())
         targets.append(y)
+    if isinstance(getattr(loader, "batch_sampler", None), distributed.ShardedBatches):
+        return _gathered(per_fn, targets, main_only)
     return [tuple(torch.cat(t) for t in store) for store in per_fn], torch.cat(targets)
+
+
+def _gathered(per_fn: list[list[list[torch.Tensor]]], targets: list[torch.Tensor], main_only: bool):
+    """:func:`cache_outputs`' per-process outputs gathered in rank (= batch) order; a process may have had
+    no batches at all."""
+    counts = distributed.all_gather([len(store) for store in per_fn])
+    gather = lambda parts: distributed.gather_tensors(torch.cat(parts) if parts else None, main_only=main_only)
+    outputs = []
+    for i, store in enumerate(per_fn):
+        width = max(c[i] for c in counts)
+        outputs.append(tuple(gather(store[j] if j < len(store) else []) for j in range(width)))
+    y = gather(targets)
+    if main_only and not distributed.is_main():
+        return [], None
+    return outputs, y
 
 
 @torch.no_grad()

@@ -69,7 +69,16 @@ def test_the_cycle_check_can_fail():
 
 
 @pytest.mark.parametrize(
-    "module", ["posthoc.errors", "posthoc.metrics", "posthoc.runtime", "posthoc.timm_io", "posthoc.hub", "posthoc.graph"]
+    "module",
+    [
+        "posthoc.errors",
+        "posthoc.distributed",
+        "posthoc.metrics",
+        "posthoc.runtime",
+        "posthoc.timm_io",
+        "posthoc.hub",
+        "posthoc.graph",
+    ],
 )
 def test_bottom_modules_know_nothing_above_them(module):
     above = {

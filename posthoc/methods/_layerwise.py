@@ -227,13 +227,14 @@ def retrain(
 def training_data(ctx: BoostContext, cuts: Sequence[Cut], cfg: RetrainConfig, description: str = "caching training inputs"):
     """Cached base inputs of every cut over the training images (one pass), or streamed data.
 
-    Returns ``(per-cut CachedData, seconds)``.
+    Under torchrun the cached pass is split among processes and gathered on rank 0, which trains alone
+    (the other processes get no data). Returns ``(per-cut CachedData, seconds)``.
     """
     clock = Stopwatch()
     if cfg.feature_cache:
-        loader = ctx.train_loader(256, shuffle=False, seed=cfg.seed, augment=cfg.cache_augment)
+        loader = ctx.train_loader(256, shuffle=False, seed=cfg.seed, augment=cfg.cache_augment, shard="batches")
         caches, targets = cache_outputs(
-            [c.inputs for c in cuts], loader, ctx.device, show_progress=ctx.show_progress, description=description
+            [c.inputs for c in cuts], loader, ctx.device, show_progress=ctx.show_progress, description=description, main_only=True
         )
         return [CachedData(c, targets) for c in caches], clock.seconds
     loader = ctx.train_loader(256, shuffle=False, seed=cfg.seed, augment=cfg.augment)
@@ -243,13 +244,15 @@ def training_data(ctx: BoostContext, cuts: Sequence[Cut], cfg: RetrainConfig, de
 
 
 def select_data(ctx: BoostContext, cuts: Sequence[Cut]):
-    """Cached base inputs of every cut over the select part (one pass) and the targets."""
+    """Cached base inputs of every cut over the select part (one pass) and the targets (under torchrun split
+    among processes and gathered on rank 0, as :func:`training_data`)."""
     return cache_outputs(
         [c.inputs for c in cuts],
-        ctx.select_loader(256),
+        ctx.select_loader(256, shard="batches"),
         ctx.device,
         show_progress=ctx.show_progress,
         description="caching select inputs",
+        main_only=True,
     )
 
 

@@ -167,7 +167,9 @@ class Method:
     def __init__(self, config: MethodConfig | None = None, **overrides: Any):
         self.config = config if config is not None else make_config(self.Config, overrides)
 
-    def build(self, ctx: BoostContext) -> Ensemble:  # pragma: no cover - interface
+    def build(self, ctx: BoostContext) -> Ensemble | None:  # pragma: no cover - interface
+        """The ensemble. Under torchrun every process calls it and does its share of the work; only rank 0's
+        result is used (the others may return ``None``)."""
         raise NotImplementedError
 
     def includes_parent(self) -> bool:
@@ -221,15 +223,21 @@ class BoostContext:
         augment: str = "light",
         subset: int | None = None,
         sample: Sequence[int] | None = None,
+        shard: str | None = None,
     ):
         """Training images (with ``augment``: light, timm or none) in a seeded order; ``sample`` (indices
-        into the training split, repeats allowed) restricts them to a bootstrap sample."""
+        into the training split, repeats allowed) restricts them to a bootstrap sample. ``shard`` splits
+        the batches among processes (``"batches"`` or ``"split"``, see :func:`posthoc.data.make_loader`)."""
         extra = {} if sample is None else {"sample": sample}
+        if shard is not None:
+            extra["shard"] = shard
         return self.make_train_loader(batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment, subset=subset, **extra)
 
-    def select_loader(self, batch_size: int = 256, *, subset: int | None = None):
-        """The select part of the validation split, in a fixed order, eval transform."""
-        return self.make_select_loader(batch_size=batch_size, subset=subset)
+    def select_loader(self, batch_size: int = 256, *, subset: int | None = None, shard: str | None = None):
+        """The select part of the validation split, in a fixed order, eval transform; ``shard="batches"``
+        gives each process its block of the batches."""
+        extra = {} if shard is None else {"shard": shard}
+        return self.make_select_loader(batch_size=batch_size, subset=subset, **extra)
 
     def note(self, key: str, value: Any) -> None:
         """Record a measured quantity (e.g. the sigma found) in the artifact's provenance."""

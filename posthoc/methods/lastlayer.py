@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from .. import distributed
 from ..ensemble import Combine, Ensemble
 from ..metrics import scores
 from ..sources import member_name
@@ -45,12 +46,15 @@ class LastLayer(Method):
         """One network: any budget of at least 1.0 holds it."""
         return [f"--inference-budget {budget:g}: lastlayer always writes one network (1.00x)"]
 
-    def build(self, ctx: BoostContext) -> Ensemble:
+    def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: LastLayerConfig = self.config
         model = copy.deepcopy(ctx.parent).eval()
         retrainer = Retrainer(model, cfg.last_layers)
-        (data,), seconds = training_data(ctx, [retrainer.base], cfg)
-        (sel_cache,), sel_y = select_data(ctx, [retrainer.base])
+        datas, seconds = training_data(ctx, [retrainer.base], cfg)
+        sel_caches, sel_y = select_data(ctx, [retrainer.base])
+        if not distributed.is_main():  # the caches were gathered on rank 0, which retrains
+            return None
+        (data,), (sel_cache,) = datas, sel_caches
         ctx.note("cache_mb", round(cache_megabytes(data.cache, sel_cache), 1))
         ctx.note("select_before", scores(retrainer.logits(sel_cache, ctx.device), sel_y))
         clock = Stopwatch()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .. import distributed
 from ..cost import widest_fit
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
@@ -202,13 +203,18 @@ class ChildScorer:
         return other
 
     @torch.no_grad()
-    def logits(self, tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits (N, C) of the parent with ``tensors`` (and BN ``buffers``) replaced."""
+    def logits(
+        self, tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None = None, *, shard: bool = False
+    ) -> torch.Tensor:
+        """Logits (N, C) of the parent with ``tensors`` (and BN ``buffers``) replaced. With ``shard``, the
+        cached batches are split among processes and the logits gathered: the same logits, bit for bit."""
         params = {f"model.{n}": t for n, t in {**tensors, **(buffers or {})}.items()}
-        outs = []
-        for args in self.inputs:
+
+        def batch_logits(args: tuple) -> torch.Tensor:
             out = functional_call(self.fn, params, args) if params else self.fn(*args)
-            outs.append(out[self.logit_index].float().cpu())
+            return out[self.logit_index].float().cpu()
+
+        outs = distributed.map_shards(batch_logits, self.inputs) if shard else [batch_logits(a) for a in self.inputs]
         return torch.cat(outs)
 
 
@@ -283,7 +289,7 @@ class Noisy(Method):
         where = "every layer" if layers is None else f"the last {layers} layer(s)"
         return [f"--inference-budget {budget:g}: noisy mutates {where} with {self.config.members} members"]
 
-    def build(self, ctx: BoostContext) -> Ensemble:
+    def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: NoisyConfig = self.config
         parent = ctx.parent.eval()
         names = mutable_tensors(parent, cfg.mutate_biases, cfg.mutate_norm, cfg.last_layers)
@@ -317,15 +323,22 @@ class Noisy(Method):
         bn_loader = None
         if cfg.bn_recalibrate and has_batchnorm(parent):
             bn_loader = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
-        scored = []
-        for spec in progress(population_plan(cfg.population, cfg.antithetic), description="children", enabled=ctx.show_progress):
+
+        def score(spec: Child) -> tuple:  # depends on the child alone: any process scores it the same
             tensors = mutator.child(spec, sigma)
             buffers = self._recalibrated_buffers(parent, tensors, names, bn_loader, ctx.device) if bn_loader is not None else {}
             logits = scorer.logits(tensors, buffers)
             acc = float((logits.argmax(-1) == y).float().mean())
             nll = float(torch.nn.functional.cross_entropy(logits, y))
             key = (-acc, nll) if cfg.fitness == "accuracy" else (nll, -acc)
-            scored.append((key, spec, buffers, acc, nll))
+            return key, spec, {k: v.cpu() for k, v in buffers.items()}, acc, nll
+
+        # each process scores its block of the population on the whole select part; all get every score
+        scored = distributed.map_shards(
+            score,
+            population_plan(cfg.population, cfg.antithetic),
+            loop=lambda specs: progress(specs, description="children", enabled=ctx.show_progress),
+        )
         scored.sort(key=lambda t: t[0])
         chosen = scored[: cfg.children]
         ctx.note("population", [{"child": s.name, "top1": round(100 * a, 3), "nll": round(nll, 5)} for _, s, _, a, nll in scored])
@@ -349,7 +362,9 @@ class Noisy(Method):
 
     @staticmethod
     def _mean_kl(scorer: ChildScorer, mutator: Mutator, sigma: float, children=(Child(0, 1, False), Child(0, 1, True))) -> float:
-        return sum(kl_to_parent(scorer.parent_logits, scorer.logits(mutator.child(c, sigma))) for c in children) / len(children)
+        """Mean KL(parent || child) over ``children``; the KL images' batches are split among processes."""
+        kls = [kl_to_parent(scorer.parent_logits, scorer.logits(mutator.child(c, sigma), shard=True)) for c in children]
+        return sum(kls) / len(children)
 
     @staticmethod
     def _recalibrated_buffers(parent, tensors, names, loader, device) -> dict[str, torch.Tensor]:

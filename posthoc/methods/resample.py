@@ -18,7 +18,6 @@ them without fine-tuning again.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import distributed
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
 from ..runtime import progress, seeded_generator
@@ -237,13 +237,17 @@ def finetune_with_stats(
     """Fine-tune ``model`` in place for ``steps`` SGD steps and record the Welford statistics.
 
     Constant learning rate and batch-mean cross-entropy, model in train mode (the paper's fine-tuning
-    stage). After optimizer step ``s`` (1-based) the weights are recorded when ``s > burn_in`` and
+    stage). Under torchrun the model trains as ``DistributedDataParallel`` on ``loader``'s share of every
+    global batch (``make_loader(..., shard="split")``), and every process records the same statistics
+    (the weights are identical after every step). After optimizer step ``s`` (1-based) the weights are
+    recorded when ``s > burn_in`` and
     ``(s - burn_in) % every == 0``; the starting weights are not a sample. Returns the statistics and
     a summary (``steps``, ``snapshots``, ``first_loss``, ``last_loss``: mean loss of the first and last
     10% of the steps).
     """
     params = trainable_parameters(model)
     stats = WelfordStats(params, dtype)
+    net = distributed.data_parallel(model, torch.device(device))  # the same weights on every process
     opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def record(step: int) -> None:
@@ -253,7 +257,7 @@ def finetune_with_stats(
     model.train()
     window = max(1, steps // 10)
     losses = train_steps(
-        model,
+        net,
         cycle(loader, steps),
         opt,
         steps=steps,
@@ -265,6 +269,8 @@ def finetune_with_stats(
         description="fine-tune",
     )
     model.eval()
+    per_process = distributed.all_gather(losses)
+    losses = [sum(step) / len(step) for step in zip(*per_process)]  # the global batch's loss
     summary = {
         "steps": len(losses),
         "snapshots": stats.count,
@@ -298,14 +304,26 @@ def iter_members(
     """:func:`draw_members` one member at a time (only one draw in memory)."""
     std = stats.std()
     for j in range(k):
-        gen = seeded_generator(seed, j)
-        member = {}
-        for name, mean in stats.mean.items():
-            z = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean.device, mean.dtype)
-            w = mean + scale * std[name] * z
-            ref = like[name] if like is not None else mean
-            member[name] = w.to(device=ref.device, dtype=ref.dtype)
-        yield member
+        yield draw_member(stats, std, j, scale, seed, like)
+
+
+def draw_member(
+    stats: WelfordStats,
+    std: Mapping[str, torch.Tensor],
+    j: int,
+    scale: float,
+    seed: int,
+    like: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Draw ``j`` of :func:`draw_members` (``std`` is ``stats.std()``): it depends on ``(seed, j)`` alone."""
+    gen = seeded_generator(seed, j)
+    member = {}
+    for name, mean in stats.mean.items():
+        z = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean.device, mean.dtype)
+        w = mean + scale * std[name] * z
+        ref = like[name] if like is not None else mean
+        member[name] = w.to(device=ref.device, dtype=ref.dtype)
+    return member
 
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -344,7 +362,7 @@ class Resample(Method):
             f"and the mean with {k - 1} draws"
         ]
 
-    def build(self, ctx: BoostContext) -> Ensemble:
+    def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: ResampleConfig = self.config
         parent = ctx.parent.eval()
         model = copy.deepcopy(parent)  # the parent itself stays untouched
@@ -361,7 +379,7 @@ class Resample(Method):
             clock = Stopwatch()
             stats = self._finetune(ctx, cfg, model)
             ctx.log(f"fine-tuned in {clock.seconds:.0f} s")
-            if cfg.save_stats is not None:
+            if cfg.save_stats is not None and distributed.is_main():
                 finetune = {
                     k: getattr(cfg, k)
                     for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "burn_in", "every", "seed")
@@ -397,22 +415,33 @@ class Resample(Method):
         # buffers: the fine-tuned model's (the parent's with --stats) until BatchNorm is re-estimated
         base = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         names = (["mean"] if cfg.include_mean else []) + [f"sample-{j}" for j in range(cfg.draws)]
-        weights = itertools.chain(
-            [mean_weights(stats, params)] if cfg.include_mean else [],
-            iter_members(stats, cfg.draws, cfg.std_scale, cfg.seed, like=params),
-        )
+
+        def network(i: int) -> dict[str, torch.Tensor]:  # the mean model first (--include-mean), then draw j
+            j = i - int(cfg.include_mean)
+            tensors = mean_weights(stats, params) if j < 0 else draw_member(stats, std, j, cfg.std_scale, cfg.seed, like=params)
+            return {**base, **{k: v.detach().cpu() for k, v in tensors.items()}}
+
         bn_batches = None
         if cfg.bn_batches > 0 and has_batchnorm(model):
             bn_batches = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
-        state_dicts, clock = [], Stopwatch()
-        for tensors in progress(weights, total=len(names), description="members", enabled=ctx.show_progress):
-            sd = dict(base)
-            sd.update({k: v.detach().cpu() for k, v in tensors.items()})
-            if bn_batches is not None:
-                model.load_state_dict(sd)
-                recalibrate_bn(model, bn_batches, ctx.device)
-                sd.update({k: v.cpu() for k, v in bn_statistics(model).items()})
-            state_dicts.append(sd)
+
+        def recalibrated(i: int) -> dict[str, torch.Tensor]:
+            model.load_state_dict(network(i))
+            recalibrate_bn(model, bn_batches, ctx.device)
+            return {k: v.cpu() for k, v in bn_statistics(model).items()}
+
+        clock = Stopwatch()
+        indices = range(len(names))
+        members = lambda items: progress(items, description="members", enabled=ctx.show_progress)
+        if bn_batches is not None:  # each process re-estimates its block of the networks; rank 0 gets them all
+            statistics = distributed.map_shards(recalibrated, indices, main_only=True, loop=members)
+            if statistics is None:
+                return None
+            state_dicts = [{**network(i), **bn} for i, bn in zip(indices, statistics)]
+        else:
+            state_dicts = [network(i) for i in members(indices)] if distributed.is_main() else None
+            if state_dicts is None:
+                return None
         ctx.note("bn_recalibrated", bn_batches is not None)
         ctx.log(
             f"{len(names)} network(s) drawn"
@@ -446,7 +475,7 @@ class Resample(Method):
 
     @staticmethod
     def _finetune(ctx: BoostContext, cfg: ResampleConfig, model: nn.Module) -> WelfordStats:
-        loader = ctx.train_loader(cfg.batch_size, seed=cfg.seed, augment=cfg.augment)
+        loader = ctx.train_loader(cfg.batch_size, seed=cfg.seed, augment=cfg.augment, shard="split")
         per_epoch = len(loader)
         if per_epoch == 0:
             raise PosthocError("the training split gave no batches; check --train-split or lower --batch-size")
@@ -460,9 +489,14 @@ class Resample(Method):
             raise PosthocError(
                 f"drawing members needs at least 2 snapshots, {steps} steps with --burn-in {cfg.burn_in} --every {cfg.every} give {expected}; lower them or raise --epochs"
             )
+        processes = distributed.world_size()
+        batch = f"global batch {cfg.batch_size * processes} ({processes} processes x {cfg.batch_size}), " if processes > 1 else ""
         ctx.log(
-            f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), lr {cfg.lr}, momentum {cfg.momentum}"
+            f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), {batch}lr {cfg.lr}, momentum {cfg.momentum}"
         )
+        if processes > 1:
+            ctx.note("processes", processes)
+            ctx.note("global_batch", cfg.batch_size * processes)
         stats, summary = finetune_with_stats(
             model,
             loader,

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import distributed
 from ..cost import widest_fit
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
@@ -263,12 +264,21 @@ def tune_child(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Child ``index``: the parent with ``child``'s mask (``None``: dense), tuned on the training split.
 
-    Independent of every other child (its data order, bootstrap sample and annealing draws come from
-    (seed, index)), so children can be tuned anywhere in any order. Returns the child in eval mode, its
-    pruned weights exactly zero and its BatchNorm statistics re-estimated, and a summary.
+    Independent of every other child (its data order, bootstrap sample, annealing and augmentation draws
+    come from (seed, index)), so children can be tuned anywhere in any order: under torchrun each process
+    tunes its own share. Returns the child in eval mode, its pruned weights exactly zero and its BatchNorm
+    statistics re-estimated, and a summary.
     """
-    model = copy.deepcopy(parent).train()
     seed = derive_seed(cfg.seed, 1000 + index)
+    with torch.random.fork_rng(devices=[]):  # augmentations draw from the global generator: seed it per child
+        torch.manual_seed(seed)
+        return _tune(parent, child, cfg, ctx, index, seed)
+
+
+def _tune(
+    parent: nn.Module, child: ChildMask | None, cfg: SparseConfig, ctx: BoostContext, index: int, seed: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    model = copy.deepcopy(parent).train()
     frozen_bn = _freeze_outside(model, cfg.last_layers)
     masked: dict[str, Masked] = {}
     for name, mask in (child.mask if child is not None else {}).items():
@@ -328,6 +338,13 @@ def tune_child(
     }
 
 
+def _child(parent: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A tuned child back as a module (children travel between processes as state dicts)."""
+    model = copy.deepcopy(parent)
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def _freeze_outside(model: nn.Module, layers: int | None) -> list[nn.Module]:
     """Freeze every parameter outside the last ``layers`` layers (``None``: nothing); return the BatchNorm
     layers outside them, which must keep the parent's statistics so the trunk stays shared."""
@@ -362,7 +379,7 @@ class Sparse(Method):
         where = "every layer" if layers is None else f"the last {layers} layer(s), the rest shared"
         return [f"--inference-budget {budget:g}: sparse tunes {where} in {self.config.members} members"]
 
-    def build(self, ctx: BoostContext) -> Ensemble:
+    def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: SparseConfig = self.config
         parent = ctx.parent.eval()
         names = prunable_tensors(parent, cfg) if cfg.keep < 1 else []
@@ -382,8 +399,8 @@ class Sparse(Method):
             f"training budget: {cfg.children} children x {cfg.child_epochs:g} epochs = {cfg.parent_epochs:g} parent-epochs "
             f"(keep {cfg.keep:g}" + (f", {p} partitioned siblings per mask" if p > 1 else "") + ")"
         )
-        children, names_out, summaries, select_logits = [], [], {}, []
-        for index in range(cfg.children):
+
+        def tune(index: int) -> tuple:  # child `index` depends on (seed, index) alone: any process tunes it the same
             clock = Stopwatch()
             group, sibling = divmod(index, p)
             child_mask = group_masks(parent, names, cfg, group)[sibling] if names else None
@@ -391,21 +408,33 @@ class Sparse(Method):
             (logits,), select_y = cache_outputs([lambda x, m=model: (m(x),)], ctx.select_loader(256), ctx.device)
             summary["select"] = {k: round(v, 4) for k, v in scores(logits[0], select_y).items()}
             name = f"child-{index}" if p == 1 else f"g{group}s{sibling}"
-            summaries[name] = summary
-            children.append(model)
-            names_out.append(name)
-            select_logits.append(logits[0])
-            ctx.log(
+            line = (
                 f"{name}: select top-1 {summary['select']['top1']:.2f}% NLL {summary['select']['nll']:.4f} "
                 f"({clock.seconds:.0f} s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f})"
             )
+            ctx.log(line)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            return name, summary, logits[0], select_y, state, line
+
+        # each process tunes its block of the children; rank 0 gets them all
+        tuned = distributed.map_shards(tune, range(cfg.children), main_only=True)
+        if tuned is None:
+            return None
+        mine = distributed.shard(cfg.children)
+        for index, (*_, line) in enumerate(tuned):
+            if index not in mine:  # tuned by another process, which does not print
+                ctx.log(line)
+        names_out = [t[0] for t in tuned]
+        summaries = {t[0]: t[1] for t in tuned}
+        select_logits = [t[2] for t in tuned]
         ctx.note("children", summaries)
         ctx.note("child_disagreement", round(mean_disagreement(select_logits), 3))
         if cfg.couple:
-            return self._coupled(children, names_out, cfg, ctx)
-        members = ([parent] if cfg.include_parent else []) + children
+            return self._coupled([_child(parent, t[4]) for t in tuned], names_out, cfg, ctx)
+        state_dicts = ([{k: v.detach().cpu() for k, v in parent.state_dict().items()}] if cfg.include_parent else []) + [
+            t[4] for t in tuned
+        ]
         member_names = (["parent"] if cfg.include_parent else []) + names_out
-        state_dicts = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in members]
         group = MemberGroup.from_state_dicts(timm_config(parent), state_dicts, member_names)
         return Ensemble(groups=[group], combine=Combine(rule="prob_mean"))
 

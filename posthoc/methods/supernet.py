@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import distributed
 from ..cost import fits, predicted_ratio, split_flops
 from ..ensemble import Combine, Ensemble
 from ..errors import PosthocError
@@ -221,7 +222,7 @@ class SuperNet(Method):
         self.configure(copies=copies)
         return [f"--inference-budget {budget:g}: supernet couples {copies} copies retraining the last {cfg.last_layers} layers"]
 
-    def build(self, ctx: BoostContext) -> Ensemble:
+    def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: SuperNetConfig = self.config.resolved(len(ctx.parents))
         copies, layers = cfg.copies, cfg.last_layers
         ctx.note("resolved", {"copies": copies, "last_layers": layers, "bootstrap": cfg.bootstrap, "select_by": cfg.select_by})
@@ -244,6 +245,8 @@ class SuperNet(Method):
         cuts = [r.base for r in parent_retrainers]
         datas, seconds = training_data(ctx, cuts, cfg)
         sel_caches, sel_y = select_data(ctx, cuts)
+        if not distributed.is_main():  # the caches were gathered on rank 0, which retrains and couples
+            return None
         timing = {"caching": seconds}  # logged, not stored: the same seed must give a bit-identical artifact
         ctx.note("cache_mb", round(cache_megabytes(*[d.cache for d in datas], *sel_caches), 1))
 
