@@ -130,6 +130,23 @@ def test_the_samplers_split_whole_batches_and_global_batches(monkeypatch):
     assert slices == [[[0, 1, 2], [7, 8, 9]], [[3, 4], [10, 11]], [[5, 6], [12, 13]]]
 
 
+def test_real_labels_follow_each_process_s_images(monkeypatch):
+    """ReaL sets are looked up by each process's image positions and the counts added up."""
+    from posthoc.evaluate import _RealAccuracy
+
+    labels = [[0], [1], [], [2], [0, 1]]
+    probs = torch.eye(3)[[0, 2, 1, 2, 1]] * 0.9 + 0.05  # predictions 0, 2, 1, 2, 1
+    whole = _RealAccuracy(labels)
+    whole.update(probs)
+    parts = [_RealAccuracy(labels, order) for order in ([0, 1, 2], [3, 4])]
+    parts[0].update(probs[:3])
+    parts[1].update(probs[3:])
+    counts = [(p.position, p.hits1, p.hits5, p.counted) for p in parts]
+    monkeypatch.setattr(distributed, "all_gather", lambda obj: counts)
+    parts[0].reduce()
+    assert parts[0].compute() == whole.compute() == (75.0, 100.0, 4)
+
+
 # ------------------------------------------------------------------------------------ two processes
 PRIMITIVES = textwrap.dedent(
     """

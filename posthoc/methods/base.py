@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from .. import distributed
 from ..ensemble import Ensemble
 from ..errors import PosthocError
 
@@ -229,14 +230,14 @@ class BoostContext:
         into the training split, repeats allowed) restricts them to a bootstrap sample. ``shard`` splits
         the batches among processes (``"batches"`` or ``"split"``, see :func:`posthoc.data.make_loader`)."""
         extra = {} if sample is None else {"sample": sample}
-        if shard is not None:
+        if shard is not None and distributed.world_size() > 1:  # one process: loaders as ever
             extra["shard"] = shard
         return self.make_train_loader(batch_size=batch_size, shuffle=shuffle, seed=seed, augment=augment, subset=subset, **extra)
 
     def select_loader(self, batch_size: int = 256, *, subset: int | None = None, shard: str | None = None):
         """The select part of the validation split, in a fixed order, eval transform; ``shard="batches"``
         gives each process its block of the batches."""
-        extra = {} if shard is None else {"shard": shard}
+        extra = {"shard": shard} if shard is not None and distributed.world_size() > 1 else {}
         return self.make_select_loader(batch_size=batch_size, subset=subset, **extra)
 
     def note(self, key: str, value: Any) -> None:

@@ -50,7 +50,7 @@ class ResampleConfig(MethodConfig):
     lr: float = option(0.1, "Constant SGD learning rate of the fine-tune (batch-mean loss).", gt=0)
     momentum: float = option(0.0, "SGD momentum (0: plain SGD, the paper's eq. 1).", ge=0, lt=1)
     weight_decay: float = option(0.0, "SGD weight decay during the fine-tune.", ge=0)
-    batch_size: int = option(128, "Fine-tune batch size (the paper's 128).", ge=1)
+    batch_size: int = option(128, "Fine-tune batch size per process (the paper's 128; N processes: N times it per step).", ge=1)
     augment: str = option(
         "light", "Fine-tune augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
     )
