@@ -451,7 +451,7 @@ def main() -> None:
 
 def _ordered(records: dict, all_rows: list[Row]):
     keys = [r.key for r in all_rows]
-    return (records[k] for k in keys + sorted(set(records) - set(keys)) if k in records)
+    return (records[k] for k in keys if k in records)  # rows no longer defined are dropped
 
 
 if __name__ == "__main__":

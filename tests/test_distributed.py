@@ -266,7 +266,7 @@ def test_split_children_and_sharded_caches_give_the_same_artifact(tmp_path, inpu
     """sparse tunes one child per process; lastlayer caches its training inputs on both and retrains on
     rank 0: the artifact of one process either way."""
     flags = {
-        "sparse": ["--members", "2", "--child-epochs", "0.3", "--bn-batches", "2"],
+        "sparse": ["--members", "2", "--no-include-parent", "--child-epochs", "0.3", "--bn-batches", "2"],
         "lastlayer": ["--last-layers", "2", "--epochs-per-layer", "1"],
     }[method]
     args = ["boost", str(inputs["resnet"]), "--method", method, *flags, "--batch-size", "16", "--data", str(inputs["data"])]

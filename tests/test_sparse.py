@@ -19,7 +19,7 @@ from posthoc.methods.sparse import Annealer, Masked, SparseConfig, group_masks, 
 
 from .helpers import assert_same_artifact, tiny_model
 
-FAST = dict(batch_size=16, child_epochs=0.5, bn_batches=1)
+FAST = dict(batch_size=16, child_epochs=0.5, bn_batches=1, include_parent=False)
 
 
 def _boost(resnet_dir, image_data, out, **kw):
@@ -134,7 +134,7 @@ def test_annealing_probabilities_reach_the_mask():
 
 def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
     for d, seed in (("a", 5), ("b", 5), ("c", 6)):
-        _boost(resnet_dir, image_data, tmp_path / d, members=2, seed=seed, bootstrap=True)
+        _boost(resnet_dir, image_data, tmp_path / d, members=2, keep=0.5, seed=seed, bootstrap=True)
     assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
 
@@ -214,6 +214,7 @@ def test_budget_is_printed_before_training(tmp_path, capsys, resnet_dir, image_d
             "--no-progress",
             "--members",
             "2",
+            "--no-include-parent",
             "--child-epochs",
             "0.5",
             "--batch-size",
@@ -224,7 +225,17 @@ def test_budget_is_printed_before_training(tmp_path, capsys, resnet_dir, image_d
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert out.index("training budget: 2 children x 0.5 epochs = 1 parent-epochs") < out.index("g0s0: select top-1")
+    assert out.index("training budget: 2 children x 0.5 epochs = 1 parent-epochs") < out.index("child-0: select top-1")
+
+
+def test_defaults_are_dense_children_with_the_parent_and_pruning_options_imply_half():
+    default = make_config(SparseConfig, {})
+    assert (default.keep, default.children, default.include_parent, default.parent_epochs) == (1.0, 2, True, 4.0)
+    for given in ({"anneal": "temperature"}, {"partition": 2}, {"structure": "channel"}, {"mask_source": "l1", "partition": 1}):
+        assert make_config(SparseConfig, given).keep == 0.5, given
+    assert make_config(SparseConfig, {"keep": 0.8, "anneal": "random"}).keep == 0.8  # given: never changed
+    assert make_config(SparseConfig, {"couple": True}).include_parent is False
+    assert make_config(SparseConfig, {"include_parent": True}).siblings == 1
 
 
 def test_unknown_option_for_sparse():

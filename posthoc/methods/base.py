@@ -70,6 +70,12 @@ class MethodConfig:
         """Map option values of the previous release whose meaning changed (with a deprecation line)."""
         return values
 
+    @classmethod
+    def implied(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Defaults that follow from the options given (e.g. a pruning option implies pruning); options
+        given explicitly are never changed."""
+        return values
+
 
 def flag(name: str) -> str:
     """The command-line spelling of a config field: ``target_kl`` -> ``--target-kl``."""
@@ -100,6 +106,7 @@ def make_config(cls: type[MethodConfig], values: dict[str, Any], warn: Callable[
             )
             values.setdefault(rename.new, new)
     values = cls.upgrade(values, deprecated)
+    values = cls.implied(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -6,6 +6,11 @@ pushes it out of the parent's basin; the children (and the parent with ``--inclu
 averaged as probabilities, or coupled by a trained SuperNet layer (``--couple``). ``--keep 1.0`` prunes
 nothing: the children are only re-tuned with the one-cycle schedule (the dense ablation).
 
+Defaults (chosen on CIFAR-10's select part within 5 parent-epochs, ``benchmarks/results/sparse_select.md``):
+two dense children (``--keep 1.0``) of two epochs each at ``--max-lr 0.05``, plus the parent. Pruning
+half the weights, the thesis's recipe, lost accuracy there from a parent trained to convergence; any
+pruning option (``--partition``, ``--anneal``, ``--structure``, ...) given without ``--keep`` prunes half.
+
 Choices where the thesis is silent or inconsistent:
 
 - **Partitioned siblings** (``--partition P``): one random assignment of every prunable weight to
@@ -56,9 +61,13 @@ from .supernet import CouplingConfig, couple
 
 @dataclass
 class SparseConfig(CouplingConfig):
-    members: int = option(4, "Members of the artifact: the children, plus the parent with --include-parent.", ge=1)
+    members: int = option(3, "Members of the artifact: the children, plus the parent with --include-parent.", ge=1)
     keep: float = option(
-        0.5, "Fraction of each prunable tensor's weights a child keeps; 1.0 prunes nothing (the dense ablation).", gt=0, le=1
+        1.0,
+        "Fraction of each prunable tensor's weights a child keeps; 1.0 prunes nothing (default: 0.5, the thesis's, once "
+        "another pruning option is given).",
+        gt=0,
+        le=1,
     )
     partition: int | None = option(
         None,
@@ -96,7 +105,7 @@ class SparseConfig(CouplingConfig):
         0.9, "SGD momentum (Nesterov) with --schedule constant; onecycle cycles it between 0.85 and 0.95.", ge=0, lt=1
     )
     weight_decay: float = option(5e-4, "SGD weight decay.", ge=0)
-    child_epochs: float = option(1.0, "Epochs of tuning per child over the training split (fractions allowed).", gt=0)
+    child_epochs: float = option(2.0, "Epochs of tuning per child over the training split (fractions allowed).", gt=0)
     batch_size: int = option(128, "Tuning batch size.", ge=1)
     augment: str = option(
         "light", "Tuning augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
@@ -109,11 +118,23 @@ class SparseConfig(CouplingConfig):
     )
     tau0: float = option(0.5, "Starting keep probability of pruned weights (--anneal temperature).", ge=0, le=1)
     anneal_epochs: float = option(0.3, "Epochs over which annealing reaches the pruned child.", gt=0)
-    include_parent: bool = option(False, "Make the unmodified parent one of the members.")
+    include_parent: bool = option(True, "Make the unmodified parent one of the members (default off with --couple).")
     couple: bool = option(False, "Combine the children with a trained SuperNet coupling layer instead of the probability mean.")
     bn_batches: int = option(
         32, "Training batches (of 128, eval transform) re-estimating each child's BatchNorm; 0 keeps the tuned statistics.", ge=0
     )
+
+    @classmethod
+    def implied(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A pruning option given without ``--keep`` prunes half the weights (the thesis's default), and
+        ``--couple`` without ``--include-parent`` leaves the parent out (the layer couples children)."""
+        values = dict(values)
+        pruning = ("partition", "structure", "mask_source", "anneal", "prune_first_conv", "prune_classifier")
+        if values.get("keep") is None and any(values.get(k) not in (None, cls.__dataclass_fields__[k].default) for k in pruning):
+            values["keep"] = 0.5
+        if values.get("couple") and values.get("include_parent") is None:
+            values["include_parent"] = False
+        return values
 
     @property
     def children(self) -> int:
