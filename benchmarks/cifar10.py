@@ -28,6 +28,7 @@ markers), ``cifar10_reliability.png`` (a reliability curve per row) and ``cifar1
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -172,8 +173,9 @@ def prepare_data(shared: Path, cache: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------- measurements
-def parent_epoch_seconds(parent: str, data: Path) -> float:
-    """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as BENCH.md says."""
+def parent_epoch_seconds(parent: str, data: Path, steps: int = 100) -> float:
+    """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as BENCH.md says:
+    the first ``steps`` batches after two warm-up steps, timed and scaled to the epoch's length."""
     from posthoc import load_model
     from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
     from posthoc.training import train_steps
@@ -184,9 +186,11 @@ def parent_epoch_seconds(parent: str, data: Path) -> float:
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
+    batches = iter(loader)
+    train_steps(model, itertools.islice(batches, 2), opt, steps=2)  # warm-up: allocator, loader worker
     start = time.perf_counter()
-    train_steps(model, loader, opt, steps=len(loader))
-    return time.perf_counter() - start
+    train_steps(model, itertools.islice(batches, steps), opt, steps=steps)
+    return (time.perf_counter() - start) * len(loader) / steps
 
 
 def run(cmd: list[str], log: Path) -> float:

@@ -29,8 +29,8 @@ CANDIDATES = {
     "resample (4 draws)": ("resample", {"members": 4}),
     "lastlayer": ("lastlayer", {}),
     "supernet (4 copies)": ("supernet", {}),
-    "sparse (4 dense children)": ("sparse", {"keep": 1.0, "members": 4}),
-    "sparse (4 children, keep 0.5)": ("sparse", {"members": 4}),
+    "sparse (defaults: 2 dense children + parent)": ("sparse", {}),
+    "sparse (4 children, keep 0.5)": ("sparse", {"members": 4, "keep": 0.5, "include_parent": False}),
 }
 
 
@@ -113,7 +113,7 @@ def main() -> None:
         )
     text = (
         "# posthoc demo: candidates on the digits' select part (tuned on 144 images, scored on the other 143)\n\n"
-        f"Means over seeds {args.seeds} (each seed its own parent, 20 epochs). The report part of the digits was never read.\n\n"
+        f"Means over seeds {args.seeds} (each seed its own parent, {args.parent_epochs} epochs). The report part of the digits was never read.\n\n"
         + "\n".join(lines)
         + "\n"
     )

@@ -22,6 +22,7 @@ end, so an interrupted run never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -181,7 +182,7 @@ def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True, name: s
     path = Path(path)
     ensemble, config = read(path)
     try:
-        module = EnsembleModule(ensemble, strategy=strategy, fold_bn=fold_bn).eval()
+        module = EnsembleModule(_as_float32(ensemble), strategy=strategy, fold_bn=fold_bn).eval()
     except RuntimeError as e:  # state dict keys or shapes that this timm does not build
         raise PosthocError(
             f"{path}: its tensors do not fit the architecture this timm builds ({first_line(e)[:160]}); "
@@ -190,6 +191,22 @@ def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True, name: s
     module.posthoc_config = config
     module.posthoc_name = name or str(path)
     return module
+
+
+def _as_float32(ensemble: Ensemble) -> Ensemble:
+    """Weights stored in half precision, as float32 for inference (as timm loads half checkpoints into a
+    float32 model; ``torch.autocast`` or ``module.half()`` give lower precision where it is wanted)."""
+
+    def wide(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.float() if v.is_floating_point() and v.dtype != torch.float64 else v for k, v in tensors.items()}
+
+    groups = [dataclasses.replace(g, shared=wide(g.shared), member_tensors=wide(g.member_tensors)) for g in ensemble.groups]
+    combine = ensemble.combine
+    if combine.coupling_weight is not None:
+        combine = dataclasses.replace(
+            combine, coupling_weight=combine.coupling_weight.float(), coupling_bias=combine.coupling_bias.float()
+        )
+    return Ensemble(groups, combine)
 
 
 def push(

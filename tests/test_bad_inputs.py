@@ -282,9 +282,17 @@ def test_artifact_files_get_the_usual_mode_and_keep_the_parent_dtype(tmp_path, r
     assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
     mixed = load_file(str(tmp_path / "mixed" / "model.safetensors"))
     assert any(t.dtype == torch.float32 for t in mixed.values())  # the widest of the parents' dtypes
+    half2 = tmp_path / "half2"  # a second half-precision parent: members differ in every layer
+    shutil.copytree(half, half2)
+    save_file(
+        {k: v * 1.01 if v.is_floating_point() else v for k, v in load_file(str(half / "model.safetensors")).items()},
+        str(half2 / "model.safetensors"),
+    )
+    assert main(["ensemble", str(half), str(half2), "--out", str(tmp_path / "h2")]) == 0
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
-        assert posthoc.load(tmp_path / "h")(x).dtype == torch.float32  # loaded for float32 inference
+        for art in ("h", "h2"):
+            assert posthoc.load(tmp_path / art)(x).dtype == torch.float32  # loaded for float32 inference, as timm does
 
 
 def test_skip_bad_images_counts_and_goes_on(tmp_path, capsys, world, resnet_dir):
