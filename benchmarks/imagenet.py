@@ -110,6 +110,7 @@ def main() -> None:
     from posthoc.artifact import size_mb
     from posthoc.boost import boost
     from posthoc.cost import time_ratio
+    from posthoc.errors import PosthocError
     from posthoc.evaluate import evaluate_spec
     from posthoc.runtime import resolve_device
     from posthoc.sources import load_model
@@ -145,20 +146,25 @@ def main() -> None:
                 config = dict(QUICK[method]) if args.quick else {}
                 print(f"  {method} ...", flush=True)
                 start = time.perf_counter()
-                summary = boost(
-                    [spec],
-                    method,
-                    data,
-                    out,
-                    select_size=args.select_size,
-                    subset=args.train_subset,
-                    device=args.device,
-                    workers=args.workers,
-                    overwrite=True,
-                    show_progress=False,
-                    log=lambda m: None,
-                    **config,
-                )
+                try:
+                    summary = boost(
+                        [spec],
+                        method,
+                        data,
+                        out,
+                        select_size=args.select_size,
+                        subset=args.train_subset,
+                        device=args.device,
+                        workers=args.workers,
+                        overwrite=True,
+                        show_progress=False,
+                        log=lambda m: None,
+                        **config,
+                    )
+                except PosthocError as e:  # a method this model cannot take: a row saying why
+                    records.append({"model": spec, "method": method, "config": config, "error": str(e)})
+                    print(f"    error: {e}", flush=True)
+                    continue
                 seconds = time.perf_counter() - start
                 result = evaluate_spec(
                     str(out), data, "val:report", device=args.device, workers=args.workers, show_progress=False
@@ -214,6 +220,7 @@ def _record(spec, method, config, result, seconds, epoch_s, flops, ratios, mb) -
 
 def _table(records: list[dict], meta: dict, args) -> str:
     batches = list(records[0]["time_ratio"]) if records else []
+    width = 9 + len(batches)
     lines = [
         "| model | row | top-1 (%) | NLL | ECE (%) | Brier | members | params (M) | cost (s) | parent-epochs | FLOPs (x parent) | "
         + " | ".join(f"time b{b} (x parent)" for b in batches)
@@ -221,6 +228,9 @@ def _table(records: list[dict], meta: dict, args) -> str:
         "|---|---|" + "---:|" * (9 + len(batches)),
     ]
     for r in records:
+        if "error" in r:
+            lines.append(f"| {Path(r['model']).name} | {r['method']} | error: {r['error']} |" + " |" * (width - 1))
+            continue
         times = " | ".join(f"{r['time_ratio'][b]:.2f}" for b in batches)
         lines.append(
             f"| {Path(r['model']).name} | {r['method']} | {r['top1']:.2f} | {r['nll']:.4f} | {r['ece']:.2f} | "

@@ -94,6 +94,11 @@ class ClassificationMetrics:
             "bin_correct": total[5 + 2 * b :],
         }
 
+    @property
+    def count(self) -> int:
+        """Images seen so far (on this process, until :meth:`reduce`)."""
+        return int(sum(int(row[0]) for row in self.rows))
+
     def compute(self) -> dict[str, float]:
         """``top1``, ``top5``, ``ece`` in percent; ``nll`` and ``brier`` as means per image."""
         t = self.totals()
