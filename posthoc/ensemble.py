@@ -124,7 +124,9 @@ class MemberGroup:
             raise PosthocError("an ensemble needs at least one member")
         keys = list(state_dicts[0])
         for sd, name in zip(state_dicts, names):
-            if list(sd) != keys:
+            if (
+                sd.keys() != state_dicts[0].keys()
+            ):  # the same tensors, in any order (a removed parametrization re-adds its weight last)
                 raise PosthocError(
                     f"member '{name}' has different tensors than '{names[0]}'; members of a group must share an architecture"
                 )

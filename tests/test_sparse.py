@@ -238,6 +238,13 @@ def test_defaults_are_dense_children_with_the_parent_and_pruning_options_imply_h
     assert make_config(SparseConfig, {"include_parent": True}).siblings == 1
 
 
+def test_pruned_children_and_the_parent_make_one_group(tmp_path, resnet_dir, image_data):
+    """Children whose masks were removed list their weights in another order than the parent."""
+    summary = _boost(resnet_dir, image_data, tmp_path / "a", members=3, keep=0.5, include_parent=True)
+    ens, _ = read(tmp_path / "a")
+    assert summary["members"] == 3 and ens.member_names[0] == "parent" and len(ens.groups) == 1
+
+
 def test_unknown_option_for_sparse():
     with pytest.raises(PosthocError, match="unknown option --density"):
         make_config(SparseConfig, {"density": 0.5})
