@@ -54,18 +54,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     args = ap.parse_args()
 
-    from noisy_sweep import inner_holdout
+    from select_half import scoring_half
 
-    from posthoc import load_model
     from posthoc.boost import boost
     from posthoc.cost import flops_ratio
-    from posthoc.data import eval_transform, make_loader, resolve_data_config
-    from posthoc.evaluate import evaluate
     from posthoc.sources import load_artifact
 
-    parent = load_model(args.parent)
-    loader = make_loader(inner_holdout(args.data, eval_transform(resolve_data_config(parent))), 250)
-    base = evaluate(parent, loader, show_progress=False)
+    parent, loader, base = scoring_half(args.parent, args.data)
     rows = []
     common = dict(select_size=1000, overwrite=True, show_progress=False, log=lambda m: None, temperature_scaling=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -178,13 +178,13 @@ def parent_epoch_seconds(parent: str, data: Path, steps: int = 100) -> float:
     the first ``steps`` batches after two warm-up steps, timed and scaled to the epoch's length."""
     from posthoc import load_model
     from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
-    from posthoc.training import train_steps
+    from posthoc.training import sgd_with_schedule, train_steps
 
     model = load_model(parent)
     loader = make_loader(
         open_split(data, "train", train_transform(resolve_data_config(model))), 128, shuffle=True, drop_last=True
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt, _ = sgd_with_schedule(list(model.parameters()), steps, schedule="constant", max_lr=0.01, weight_decay=5e-4)
     model.train()
     batches = iter(loader)
     train_steps(model, itertools.islice(batches, 2), opt, steps=2)  # warm-up: allocator, loader worker

@@ -34,20 +34,6 @@ CANDIDATES = {
 }
 
 
-def inner_holdout(data: Path, transform, first: int):
-    """The part of ``val:select`` after its first ``first`` images (same shuffled order as the split)."""
-    from torch.utils.data import Subset
-
-    from posthoc.data import open_split
-
-    full = open_split(data, "val:select", transform)
-    tuned = set(open_split(data, "val:select", transform, select_size=first).indices)
-    keep = [i for i in full.indices if i not in tuned]
-    view = Subset(full.dataset, keep)
-    view.classes = full.dataset.classes
-    return view
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -55,9 +41,11 @@ def main() -> None:
     ap.add_argument("--parent-epochs", type=int, default=20)
     args = ap.parse_args()
 
-    from posthoc import load, load_model
+    from select_half import scoring_half
+
+    from posthoc import load
     from posthoc.boost import boost
-    from posthoc.data import eval_transform, make_loader, open_split, resolve_data_config
+    from posthoc.data import open_split
     from posthoc.demo import train_parent, write_digits
     from posthoc.evaluate import evaluate
 
@@ -67,9 +55,7 @@ def main() -> None:
         first = len(open_split(data, "val:select")) // 2
         for seed in map(int, args.seeds.split(",")):
             parent_dir = train_parent(data, Path(tmp) / f"parent{seed}", epochs=args.parent_epochs, seed=seed)
-            parent = load_model(str(parent_dir))
-            loader = make_loader(inner_holdout(data, eval_transform(resolve_data_config(parent)), first), 256, workers=0)
-            base = evaluate(parent, loader, show_progress=False)
+            _, loader, base = scoring_half(str(parent_dir), data, first, batch_size=256, workers=0)
             for name, (method, config) in CANDIDATES.items():
                 start = time.perf_counter()
                 out = Path(tmp) / "a"

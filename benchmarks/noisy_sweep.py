@@ -22,20 +22,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def inner_holdout(data: Path, transform):
-    """The second half of the select part: in val:select (2,000) but not in its first 1,000."""
-    from torch.utils.data import Subset
-
-    from posthoc.data import open_split
-
-    full = open_split(data, "val:select", transform)
-    first = set(open_split(data, "val:select", transform, select_size=1000).indices)
-    keep = [i for i in full.indices if i not in first]
-    view = Subset(full.dataset, keep)
-    view.classes = full.dataset.classes
-    return view
-
-
 def _scores(r: dict) -> dict:
     return {"top1": r["top1"], "nll": r["nll"], "ece": r["ece"]}
 
@@ -62,15 +48,13 @@ def main() -> None:
     ap.add_argument("--grid", default="kl", choices=["kl", "options", "final"])
     args = ap.parse_args()
 
-    from posthoc import load, load_model
+    from select_half import scoring_half
+
+    from posthoc import load
     from posthoc.boost import boost
-    from posthoc.data import eval_transform, make_loader, resolve_data_config
     from posthoc.evaluate import evaluate
 
-    parent = load_model(args.parent)
-    holdout = inner_holdout(args.data, eval_transform(resolve_data_config(parent)))
-    loader = make_loader(holdout, 250)
-    base = evaluate(parent, loader, show_progress=False)
+    parent, loader, base = scoring_half(args.parent, args.data)
     print(f"parent on inner holdout: top-1 {base['top1']:.2f} NLL {base['nll']:.4f}", flush=True)
 
     if args.grid == "kl":  # include_parent is scored from the same build (members' and parent's probabilities)

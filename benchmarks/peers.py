@@ -27,7 +27,7 @@ def swa(parent: str, data: Path, out: Path, epochs: float = 1.0, lr: float = 0.0
 
     from posthoc import load_model
     from posthoc.data import eval_transform, make_loader, open_split, resolve_data_config, train_transform
-    from posthoc.training import cycle, train_steps
+    from posthoc.training import cycle, sgd_with_schedule, train_steps
 
     start = time.perf_counter()
     model = load_model(parent)
@@ -36,7 +36,7 @@ def swa(parent: str, data: Path, out: Path, epochs: float = 1.0, lr: float = 0.0
     steps = round(epochs * len(loader))
     every = max(1, steps // snapshots)
     averaged = AveragedModel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt, _ = sgd_with_schedule(list(model.parameters()), steps, schedule="constant", max_lr=lr, weight_decay=5e-4)
     model.train()
     train_steps(
         model,

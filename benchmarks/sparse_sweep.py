@@ -40,17 +40,13 @@ def main() -> None:
     ap.add_argument("--rows", default="all", help="comma-separated row indices of the grid, or all")
     args = ap.parse_args()
 
-    from noisy_sweep import inner_holdout
+    from select_half import scoring_half
 
-    from posthoc import load, load_model
+    from posthoc import load
     from posthoc.boost import boost
-    from posthoc.data import eval_transform, make_loader, resolve_data_config
     from posthoc.evaluate import evaluate
 
-    parent = load_model(args.parent)
-    holdout = inner_holdout(args.data, eval_transform(resolve_data_config(parent)))
-    loader = make_loader(holdout, 250)
-    base = evaluate(parent, loader, show_progress=False)
+    _, loader, base = scoring_half(args.parent, args.data)
     print(f"parent on the scoring half: top-1 {base['top1']:.2f} NLL {base['nll']:.4f}", flush=True)
     results_file = args.out / "sparse_sweep.json"
     previous = json.loads(results_file.read_text())["runs"] if results_file.exists() else []

@@ -287,13 +287,7 @@ def boost(
             measured=ctx.notes,
             include_parent=runner.includes_parent(),
             sources=list(models),
-            data={
-                "dataset": str(data),
-                "train_split": train_split,
-                "tuned_on": str(select_spec),
-                "select_size": len(select_set),
-                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-            },
+            data=data_mod.data_record(data, train_split, select_spec, len(select_set), data_config),
             # wall time is reported, not stored: the same seed must give a bit-identical artifact
             metrics={str(select_spec): ens_metrics, f"parent on {select_spec}": parent_metrics},
             command=command,

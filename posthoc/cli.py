@@ -292,23 +292,7 @@ def eval_command(
         warn=_warn,
     )
     check_results_file(results_file)  # before any work
-    check_eval_options(
-        **{
-            k: options[k]
-            for k in (
-                "batch_size",
-                "workers",
-                "subset",
-                "select_size",
-                "preprocessing",
-                "device",
-                "dtype",
-                "valid_labels",
-                "real_labels",
-                "skip_bad_images",
-            )
-        }
-    )
+    check_eval_options(**options)
     specs = expand_specs(list(models or []), model_list)
     _log(speed_paths(device, amp=amp, channels_last=channels_last, compile=compile))
     if len(specs) == 1:  # one model: its problems are argument problems (exit 2), its table detailed

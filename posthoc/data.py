@@ -126,6 +126,20 @@ def resolve_data_config(model: nn.Module, overrides: dict[str, Any] | None = Non
     return timm_resolve(args, model=model, use_test_size=True)
 
 
+def data_record(
+    data: str | Path, train_split: str, select_spec: Any, select_size: int, data_config: dict[str, Any]
+) -> dict[str, Any]:
+    """What an artifact records of the data it was built on: dataset, training split, the select part it was
+    tuned on (with its size, so ``eval`` can warn when report images overlap it) and the preprocessing."""
+    return {
+        "dataset": str(data),
+        "train_split": train_split,
+        "tuned_on": str(select_spec),
+        "select_size": select_size,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+    }
+
+
 def eval_transform(data_config: dict[str, Any]):
     """timm's eval transform (resize by crop_pct, center crop, normalize) for ``data_config``."""
     from timm.data import create_transform

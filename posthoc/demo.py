@@ -56,16 +56,17 @@ def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0, show_pr
     from timm.models import save_for_hf
 
     from .data import make_loader, open_split, resolve_data_config, train_transform
-    from .training import cycle, train_steps
+    from .training import cycle, sgd_with_schedule, train_steps
 
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=10, pretrained_cfg_overlay=dict(DIGITS_CFG))
     cfg = resolve_data_config(model)
     ds = open_split(data, "train", train_transform(cfg, "light"))
     loader = make_loader(ds, 64, shuffle=True, seed=seed, workers=0, drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.25)
+    opt, sched = sgd_with_schedule(
+        list(model.parameters()), steps, max_lr=0.1, weight_decay=5e-4, pct_start=0.25, div_factor=25.0
+    )
     model.train()
     train_steps(
         model,

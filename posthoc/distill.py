@@ -269,13 +269,7 @@ def distill(
         config={"teacher": str(teacher), "student": student_spec, **dataclasses.asdict(cfg)},
         measured=measured,
         sources=[student_spec],
-        data={
-            "dataset": str(data),
-            "train_split": train_split,
-            "tuned_on": str(select_spec),
-            "select_size": len(select_set),
-            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        },
+        data=data_mod.data_record(data, train_split, select_spec, len(select_set), data_config),
         metrics={
             str(select_spec): student_after,
             f"teacher on {select_spec}": teacher_metrics,

@@ -145,24 +145,7 @@ def evaluate_specs(
     go on. Rows are written to ``results_file`` as each finishes (so a killed run keeps the finished ones)
     and, at the end, sorted by ``sort`` (a result field, descending; e.g. ``top1``)."""
     check_results_file(results_file)
-    check_eval_options(
-        **{
-            k: options[k]
-            for k in (
-                "batch_size",
-                "workers",
-                "subset",
-                "select_size",
-                "preprocessing",
-                "device",
-                "dtype",
-                "valid_labels",
-                "real_labels",
-                "skip_bad_images",
-            )
-            if k in options
-        }
-    )
+    check_eval_options(**options)
     part = data_mod.SplitSpec.parse(split)
     source = data_mod.open_source(data, part.split)  # one scan of the split for every model
     rows: list[dict[str, Any]] = []
@@ -212,8 +195,11 @@ def check_eval_options(
     valid_labels=None,
     real_labels=None,
     skip_bad_images=False,
+    **_unchecked: Any,
 ) -> None:
-    """Every evaluation option checked at once, before any model is loaded (one line for the first problem)."""
+    """Every evaluation option checked at once, before any model is loaded (one line for the first problem).
+
+    Takes the whole option set of :func:`evaluate_spec`; options with nothing to check are ignored."""
     data_mod.check_loader_options(batch_size, workers, subset, select_size)
     data_mod.check_preprocessing(preprocessing)
     resolve_device(device)
