@@ -118,10 +118,10 @@ def rows(parents: list[str]) -> list[Row]:
         ),
         Row(
             "sparse-anneal",
-            "sparse --keep 0.5 --anneal temperature",
+            "sparse --keep 0.5 --anneal temperature --anneal-epochs 1",
             boost("sparse", "--keep", "0.5", "--anneal", "temperature", "--anneal-epochs", "1"),
         ),
-        Row("sparse-couple", "sparse --couple", boost("sparse", "--couple", "--no-include-parent", "--members", "2")),
+        Row("sparse-couple", "sparse --couple --members 2", boost("sparse", "--couple", "--no-include-parent", "--members", "2")),
         Row(
             "distill-deep4-1",
             "distill deep ensemble (4), 1 epoch",
