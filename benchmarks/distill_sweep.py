@@ -26,6 +26,8 @@ GRID = [
     ("T 4, alpha 0.9, max-lr 0.005", {"max_lr": 0.005}),
     ("T 2, alpha 1.0", {"temperature": 2.0, "alpha": 1.0}),
     ("consensus (Noel 2017)", {"consensus": True}),
+    ("T 4, alpha 0.9, mixup 1.0 (teacher on the mixed images)", {"mixup": 1.0}),
+    ("T 1, alpha 1.0, mixup 1.0 (function matching)", {"temperature": 1.0, "alpha": 1.0, "mixup": 1.0}),
 ]
 
 
@@ -99,7 +101,9 @@ def main() -> None:
     text = (
         "# distill: sweep on the select part (temperature fitted on 1,000 images, scored on the other 1,000)\n\n"
         f"On the scoring half, parent s0: top-1 {base['top1']:.2f}, NLL {base['nll']:.4f}; teacher (deep ensemble of "
-        f"4): {teacher['top1']:.2f}, {teacher['nll']:.4f}. The report part was never read.\n\n" + "\n".join(lines) + "\n"
+        f"4): {teacher['top1']:.2f}, {teacher['nll']:.4f}. The report part was never read. Build seconds are the wall "
+        "time of the run that produced the row, on a shared machine whose speed changes between sessions: they "
+        "compare rows of one session only.\n\n" + "\n".join(lines) + "\n"
     )
     (args.out / "distill_sweep.md").write_text(text)
     print(text)

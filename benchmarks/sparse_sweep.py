@@ -7,7 +7,8 @@ temperature and BatchNorm checks) and the ensemble is scored on the other 1,000;
 never read. Every configuration costs about 4 parent-epochs (children x epochs per child), inside the
 issue's budget of 5. The grid follows what a first exploration on the select part suggested (epochs per
 child mattered most, pruning and high rates hurt): dense children of 2 x 2 epochs vs 4 x 1, partitioned
-halves (keep 0.5) with and without stochastic annealing, and a second seed of the leading row.
+halves (keep 0.5) with and without stochastic annealing, bootstrap-resampled dense children (more
+diversity for the same epochs), and a second seed of the leading rows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ GRID = [
         "keep 0.5 pair annealed (tau0 0.5 over 1 epoch), 2 x 2 epochs + parent",
         {"keep": 0.5, "members": 3, "include_parent": True, "child_epochs": 2.0, "anneal": "temperature", "anneal_epochs": 1.0},
         0,
+    ),
+    (
+        "dense, 2 x 2 epochs + parent, bootstrap (each child its own resample of the training images)",
+        {"keep": 1.0, "members": 3, "include_parent": True, "child_epochs": 2.0, "bootstrap": True},
+        0,
+    ),
+    (
+        "dense, 2 x 2 epochs + parent, bootstrap (each child its own resample of the training images)",
+        {"keep": 1.0, "members": 3, "include_parent": True, "child_epochs": 2.0, "bootstrap": True},
+        1,
     ),
 ]
 

@@ -579,6 +579,10 @@ def distill_command(
     cache_teacher: Annotated[
         bool, typer.Option("--cache-teacher", help="One teacher pass over a fixed augmented view of every image.")
     ] = False,
+    mixup: Annotated[
+        float,
+        typer.Option("--mixup", help="Beta(A, A) mixup of each batch, the teacher scoring the mixed images (0: off)."),
+    ] = 0.0,
     schedule: Annotated[str, typer.Option("--schedule", help="onecycle, cosine or constant.")] = "onecycle",
     max_lr: Annotated[float, typer.Option("--max-lr", help="Peak SGD learning rate.")] = 0.02,
     batch_size: BatchOpt = 128,
@@ -604,6 +608,7 @@ def distill_command(
         alpha=alpha,
         consensus=consensus,
         cache_teacher=cache_teacher,
+        mixup=mixup,
         schedule=schedule,
         max_lr=max_lr,
         batch_size=batch_size,

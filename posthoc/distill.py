@@ -15,21 +15,27 @@ the artifact's own parent, on the training split to match the artifact's predict
 
 The teacher runs on every augmented training batch through the fused artifact, or once over a fixed
 view of every image with ``--cache-teacher`` (each image keeps one seeded crop and flip in every epoch,
-so one teacher pass serves all epochs). The result is an ordinary one-member artifact that records its
-teacher; its cost is estimated in parent-epochs from FLOPs (a training step counts as three forward
-passes).
+so one teacher pass serves all epochs). ``--mixup A`` mixes each batch with its reverse at a Beta(A, A)
+weight before the teacher sees it ("function matching", Beyer et al. 2022: student and teacher are
+compared on the same mixed images, between classes, where the ensemble's members disagree most); the
+labels' cross-entropy then takes the mixed one-hot targets (timm's ``mixup_target``). Mixed images need
+the teacher on the fly, so ``--mixup`` excludes ``--cache-teacher``. The result is an ordinary
+one-member artifact that records its teacher; its cost is estimated in parent-epochs from FLOPs (a
+training step counts as three forward passes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset
 
 from . import data as data_mod
@@ -57,6 +63,7 @@ class DistillConfig:
     alpha: float | None = None  # default: 0.9 for kd, 1.0 (the paper's SCE weight) for consensus
     consensus: bool = False
     cache_teacher: bool = False
+    mixup: float = 0.0
     schedule: str = "onecycle"
     max_lr: float = 0.02
     weight_decay: float = 5e-4
@@ -73,6 +80,10 @@ class DistillConfig:
             self.alpha = 1.0 if self.consensus else 0.9
         if not (self.alpha >= 0 and (self.consensus or self.alpha <= 1)):
             raise PosthocError(f"--alpha must be in [0, 1] for distillation (any >= 0 with --consensus), got {self.alpha}")
+        if not self.mixup >= 0:
+            raise PosthocError(f"--mixup must be >= 0 (0: off), got {self.mixup}")
+        if self.mixup and self.cache_teacher:
+            raise PosthocError("--mixup shows the teacher new mixed images every step; drop --cache-teacher")
         if not self.max_lr > 0 or self.weight_decay < 0 or self.batch_size < 1:
             raise PosthocError("--max-lr must be > 0, --weight-decay >= 0 and --batch-size >= 1")
 
@@ -90,6 +101,22 @@ def distillation_loss(
     soft_teacher = (teacher_log_probs / t).log_softmax(-1)
     kd = F.kl_div((student_logits / t).log_softmax(-1), soft_teacher, log_target=True, reduction="batchmean") * t * t
     return cfg.alpha * kd + (1 - cfg.alpha) * F.cross_entropy(student_logits, y)
+
+
+def mixed_batches(
+    batches: Iterable[tuple[Any, torch.Tensor]], alpha: float, num_classes: int, seed: int
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Mixup of every batch with its reverse (timm's "batch" mode): images ``lam x + (1 - lam) x.flip(0)``,
+    targets timm's ``mixup_target`` (mixed one-hot), ``lam ~ Beta(alpha, alpha)`` from a generator seeded
+    by ``seed``. An odd batch loses its last image so that no image is mixed with itself."""
+    rng = np.random.default_rng(seed)
+    for (x, i), y in batches:
+        if len(x) % 2:
+            x, i, y = x[:-1], i[:-1], y[:-1]
+        if not len(x):
+            continue
+        lam = float(rng.beta(alpha, alpha))
+        yield (x.mul(lam).add_(x.flip(0), alpha=1 - lam), i), mixup_target(y, num_classes, lam)
 
 
 class FixedViews(Dataset):
@@ -227,6 +254,8 @@ def distill(
         collate_fn=data_mod.collate_readable,
     )
     batches = (((x, i), y) for x, y, i in cycle(train_loader, steps))
+    if cfg.mixup:
+        batches = mixed_batches(batches, cfg.mixup, model.num_classes, derive_seed(cfg.seed, 1))
     student_model = model.train()
     opt, sched = sgd_with_schedule(
         [p for p in student_model.parameters() if p.requires_grad],

@@ -11,7 +11,8 @@ import torch
 import posthoc
 from posthoc.cli import main
 from posthoc.data import eval_transform, make_loader, open_split, resolve_data_config
-from posthoc.distill import DistillConfig, distill, distillation_loss
+from posthoc.distill import DistillConfig, distill, distillation_loss, mixed_batches
+from posthoc.errors import PosthocError
 
 from .helpers import save_hub_layout, tiny_model
 
@@ -105,6 +106,31 @@ def test_cached_teacher_and_consensus_loss(tmp_path, teacher, image_data):
     assert consensus.alpha == 1.0
     distill(str(teacher), image_data, tmp_path / "k", config=consensus, workers=0, show_progress=False, log=lambda m: None)
     assert posthoc.load(tmp_path / "k").num_members == 1
+
+
+def test_mixup_mixes_images_and_targets_with_one_weight_per_batch():
+    x = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3, 1, 1)
+    y, i = torch.tensor([0, 1, 2, 1, 0]), torch.arange(5)
+    (mx, mi), my = next(mixed_batches([((x, i), y)], 0.4, 3, seed=7))
+    assert len(mx) == len(my) == len(mi) == 4  # the odd image is dropped, none is mixed with itself
+    lam = float(my[0, 0])  # image 0 (class 0) is mixed with image 3 (class 1)
+    assert 0 < lam < 1 and torch.allclose(my.sum(-1), torch.ones(4))
+    torch.testing.assert_close(mx, lam * x[:4] + (1 - lam) * x[:4].flip(0))
+    again = next(mixed_batches([((x, i), y)], 0.4, 3, seed=7))
+    assert torch.equal(again[0][0], mx)  # seeded
+
+
+def test_mixup_distils_on_mixed_images_and_excludes_a_cached_teacher(tmp_path, teacher, image_data):
+    cfg = DistillConfig(epochs=1, mixup=1.0, batch_size=16)
+    distill(str(teacher), image_data, tmp_path / "m", config=cfg, workers=0, show_progress=False, log=lambda m: None)
+    plain = DistillConfig(epochs=1, batch_size=16)
+    distill(str(teacher), image_data, tmp_path / "p", config=plain, workers=0, show_progress=False, log=lambda m: None)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != (tmp_path / "p" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["method"]["config"]["mixup"] == 1.0
+    with pytest.raises(PosthocError, match="drop --cache-teacher"):
+        DistillConfig(mixup=1.0, cache_teacher=True)
+    with pytest.raises(PosthocError, match="--mixup must be >= 0"):
+        DistillConfig(mixup=-1)
 
 
 def test_losses_are_zero_at_agreement_where_they_should_be():
