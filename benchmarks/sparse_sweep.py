@@ -112,7 +112,8 @@ def main() -> None:
     text = (
         "# sparse: sweep on the select part (tuned on 1,000 images, scored on the other 1,000)\n\n"
         f"Parent s0 on the scoring half: top-1 {base['top1']:.2f}, NLL {base['nll']:.4f}. Every row costs about 4 "
-        "parent-epochs of child tuning; the report part was never read.\n\n" + "\n".join(lines) + "\n"
+        "parent-epochs of child tuning; the report part was never read. Build seconds are the wall time of the run "
+        "that produced the row, on a shared machine: they compare rows of one session only.\n\n" + "\n".join(lines) + "\n"
     )
     (args.out / "sparse_sweep.md").write_text(text)
     print(text)

@@ -175,7 +175,14 @@ def distill(
     student_spec = student or (sources[0] if sources else None)
     if student_spec is None:
         raise PosthocError(f"{teacher} records no source model to start the student from; pass --student SPEC")
-    model = load_model(student_spec).to(dev)
+    try:
+        model = load_model(student_spec).to(dev)
+    except PosthocError as e:
+        if student:
+            raise
+        raise PosthocError(
+            f"cannot load the teacher's recorded parent {student_spec!r} from {Path.cwd()} ({e}); pass --student SPEC"
+        ) from None
     if getattr(model, "returns_probabilities", False):
         raise PosthocError(f"--student {student_spec} is an artifact; pass a checkpoint (one network) to train")
     if model.num_classes != ensemble_module.num_classes:

@@ -4,6 +4,7 @@ the same seed gives the same student, and the student is an ordinary artifact.""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -181,3 +182,18 @@ def test_boost_with_distill_writes_student_and_teacher(tmp_path, capsys, resnet_
 def test_distill_refuses_a_checkpoint_as_teacher(tmp_path, capsys, resnet_dir, image_data):
     assert main(["distill", str(resnet_dir), "--data", str(image_data), "--out", str(tmp_path / "x")]) == 2
     assert "is not an ensemble artifact" in capsys.readouterr().err
+
+
+def test_a_recorded_parent_that_is_not_found_from_here_asks_for_student(tmp_path, capsys, monkeypatch, teacher, image_data):
+    # The deep ensemble was built from absolute paths; the parent recorded as a relative path (as a user
+    # gives it) does not resolve from another working directory.
+    moved = tmp_path / "deep2"
+    shutil.copytree(teacher, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["sources"] = ["../elsewhere/p1", *config["sources"][1:]]
+    (moved / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", str(moved), "--data", str(image_data), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the teacher's recorded parent '../elsewhere/p1'" in err and "--student SPEC" in err
+    assert not (tmp_path / "s").exists()
