@@ -56,13 +56,13 @@ def main() -> None:
 
     from select_half import scoring_half
 
-    from posthoc.boost import boost
+    from posthoc.commands.boost import boost
     from posthoc.cost import flops_ratio
     from posthoc.sources import load_artifact
 
     parent, loader, base = scoring_half(args.parent, args.data)
     rows = []
-    common = dict(select_size=1000, overwrite=True, show_progress=False, log=lambda m: None, temperature_scaling=False)
+    common = dict(select_size=1000, overwrite=True, progress=False, log=lambda m: None, temperature_scaling=False)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "a"
         for seed in map(int, args.seeds.split(",")):

@@ -324,8 +324,8 @@ def main() -> None:
 
     import posthoc
     from posthoc import load, load_model
-    from posthoc.artifact import size_mb
     from posthoc.cost import flops_ratio, time_ratio
+    from posthoc.paths import size_mb
 
     parents = [str(args.shared / "parents" / f"resnet18_cifar10_s{i}") for i in range(4)]
     all_rows = rows(parents)

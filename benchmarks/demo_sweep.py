@@ -44,9 +44,9 @@ def main() -> None:
     from select_half import scoring_half
 
     from posthoc import load
-    from posthoc.boost import boost
+    from posthoc.commands.boost import boost
+    from posthoc.commands.demo import train_parent, write_digits
     from posthoc.data import open_split
-    from posthoc.demo import train_parent, write_digits
     from posthoc.evaluate import evaluate
 
     runs = []
@@ -67,7 +67,7 @@ def main() -> None:
                     select_size=first,
                     overwrite=True,
                     workers=0,
-                    show_progress=False,
+                    progress=False,
                     log=lambda m: None,
                     seed=seed,
                     **config,

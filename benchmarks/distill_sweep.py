@@ -44,7 +44,8 @@ def main() -> None:
     from select_half import scoring_half
 
     from posthoc import load
-    from posthoc.distill import DistillConfig, distill
+    from posthoc.command_options import DistillConfig
+    from posthoc.commands.distill import distill
     from posthoc.evaluate import evaluate
 
     _, loader, base = scoring_half(args.parent, args.data)
@@ -66,7 +67,7 @@ def main() -> None:
                 config=DistillConfig(epochs=args.epochs, **options),
                 select_size=1000,
                 overwrite=True,
-                show_progress=False,
+                progress=False,
                 log=lambda m: None,
             )
             seconds = time.perf_counter() - start

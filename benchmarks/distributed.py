@@ -92,7 +92,7 @@ def time_eval(args: argparse.Namespace) -> dict:
 
 def time_resample(args: argparse.Namespace) -> dict:
     from posthoc import distributed
-    from posthoc.boost import boost
+    from posthoc.commands.boost import boost
 
     marks: dict[str, float] = {}
 
@@ -114,7 +114,7 @@ def time_resample(args: argparse.Namespace) -> dict:
         workers=args.workers,
         subset=args.subset,
         overwrite=True,
-        show_progress=False,
+        progress=False,
         log=log,
         members=1,
         include_mean=True,

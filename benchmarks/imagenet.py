@@ -107,11 +107,11 @@ def main() -> None:
     import timm
 
     from posthoc import load
-    from posthoc.artifact import size_mb
-    from posthoc.boost import boost
+    from posthoc.commands.boost import boost
+    from posthoc.commands.eval import evaluate_spec
     from posthoc.cost import time_ratio
     from posthoc.errors import PosthocError
-    from posthoc.evaluate import evaluate_spec
+    from posthoc.paths import size_mb
     from posthoc.runtime import resolve_device
     from posthoc.sources import load_model
 
@@ -137,7 +137,7 @@ def main() -> None:
                 select_size=args.select_size,
                 device=args.device,
                 workers=args.workers,
-                show_progress=False,
+                progress=False,
             )
             parent = load_model(spec).to(device)
             records.append(_record(spec, "parent", None, parent_result, 0.0, epoch_s, 1.0, dict.fromkeys(batches, 1.0), None))
@@ -157,7 +157,7 @@ def main() -> None:
                         device=args.device,
                         workers=args.workers,
                         overwrite=True,
-                        show_progress=False,
+                        progress=False,
                         log=lambda m: None,
                         **config,
                     )
@@ -167,7 +167,7 @@ def main() -> None:
                     continue
                 seconds = time.perf_counter() - start
                 result = evaluate_spec(
-                    str(out), data, "val:report", device=args.device, workers=args.workers, show_progress=False
+                    str(out), data, "val:report", device=args.device, workers=args.workers, progress=False
                 )
                 module = load(out).to(device)
                 ratios = {b: round(time_ratio(module, parent, batch=b, rounds=args.time_rounds), 3) for b in batches}

@@ -51,7 +51,7 @@ def main() -> None:
     from select_half import scoring_half
 
     from posthoc import load
-    from posthoc.boost import boost
+    from posthoc.commands.boost import boost
     from posthoc.evaluate import evaluate
 
     parent, loader, base = scoring_half(args.parent, args.data)
@@ -61,12 +61,12 @@ def main() -> None:
         grid = [dict(target_kl=kl) for kl in (0.01, 0.02, 0.05, 0.1, 0.2)]
     elif args.grid == "final":  # the candidates for the defaults and the scoped row, with BN recalibration
         grid = [
-            dict(target_kl=0.05, bn_recalibrate=True),
-            dict(target_kl=0.02, bn_recalibrate=True, last_layers=3),
-            dict(target_kl=0.05, bn_recalibrate=True, last_layers=3),
+            dict(target_kl=0.05),
+            dict(target_kl=0.02, last_layers=3),
+            dict(target_kl=0.05, last_layers=3),
         ]
     else:
-        grid = [dict(target_kl=kl, bn_recalibrate=True) for kl in (0.02, 0.05, 0.1, 0.2)]
+        grid = [dict(target_kl=kl) for kl in (0.02, 0.05, 0.1, 0.2)]
         grid += [dict(target_kl=kl, last_layers=3) for kl in (0.02, 0.05)] + [dict(target_kl=0.05, density=0.2)]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +81,7 @@ def main() -> None:
                     out,
                     select_size=1000,
                     overwrite=True,
-                    show_progress=False,
+                    progress=False,
                     log=lambda m: None,
                     seed=seed,
                     **cfg,

@@ -54,7 +54,7 @@ def main() -> None:
     from select_half import scoring_half
 
     from posthoc import load
-    from posthoc.boost import boost
+    from posthoc.commands.boost import boost
     from posthoc.evaluate import evaluate
 
     _, loader, base = scoring_half(args.parent, args.data)
@@ -74,7 +74,7 @@ def main() -> None:
                 Path(tmp) / "a",
                 select_size=1000,
                 overwrite=True,
-                show_progress=False,
+                progress=False,
                 log=lambda m: None,
                 seed=seed,
                 **config,

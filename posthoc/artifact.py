@@ -14,7 +14,8 @@ so a modified or truncated artifact fails with one clear line). ``README.md`` is
 rendered from ``model_cards/``.
 
 This is the only module that knows the format: "is this an artifact?" (:func:`is_artifact_config`,
-:func:`is_artifact_dir`), reading, writing, summarising and publishing one.
+:func:`is_artifact_dir`), reading and writing one. Publishing is :mod:`posthoc.commands.push`; ``posthoc
+info``'s rows are rendered beside the model card (:func:`posthoc.card.summarize`).
 
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at the
 end, so an interrupted run never leaves a half-written artifact.
@@ -22,7 +23,6 @@ end, so an interrupted run never leaves a half-written artifact.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -182,7 +182,7 @@ def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True, name: s
     path = Path(path)
     ensemble, config = read(path)
     try:
-        module = EnsembleModule(_as_float32(ensemble), strategy=strategy, fold_bn=fold_bn).eval()
+        module = EnsembleModule(ensemble.as_float32(), strategy=strategy, fold_bn=fold_bn).eval()
     except RuntimeError as e:  # state dict keys or shapes that this timm does not build
         raise PosthocError(
             f"{path}: its tensors do not fit the architecture this timm builds ({first_line(e)[:160]}); "
@@ -191,133 +191,6 @@ def load(path: str | Path, strategy: str = "auto", fold_bn: bool = True, name: s
     module.posthoc_config = config
     module.posthoc_name = name or str(path)
     return module
-
-
-def _as_float32(ensemble: Ensemble) -> Ensemble:
-    """Weights stored in half precision, as float32 for inference (as timm loads half checkpoints into a
-    float32 model; ``torch.autocast`` or ``module.half()`` give lower precision where it is wanted)."""
-
-    def wide(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.float() if v.is_floating_point() and v.dtype != torch.float64 else v for k, v in tensors.items()}
-
-    groups = [dataclasses.replace(g, shared=wide(g.shared), member_tensors=wide(g.member_tensors)) for g in ensemble.groups]
-    combine = ensemble.combine
-    if combine.coupling_weight is not None:
-        combine = dataclasses.replace(
-            combine, coupling_weight=combine.coupling_weight.float(), coupling_bias=combine.coupling_bias.float()
-        )
-    return Ensemble(groups, combine)
-
-
-def push(
-    path: str | Path,
-    repo: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """Upload the artifact in ``path`` to a Hub model repository (created when absent) in one commit; return its URL.
-
-    The weights are checked against the SHA-256 in ``config.json`` first, so a damaged artifact is never
-    published. The model card is rendered again with ``hf-hub:REPO`` in its usage lines.
-    """
-    from .hub import commit, hub_spec, split_repo
-
-    path = Path(path)
-    repo_id, rev = split_repo(repo)
-    if rev is not None:
-        raise PosthocError(f"give the branch with --revision, not in the repository id '{repo}'")
-    _, config = read(path)  # validates config.json and the weights' size and SHA-256
-    card = render_card(config, load_path=hub_spec(repo_id, None if create_pr else revision))
-    files = {CONFIG: str(path / CONFIG), WEIGHTS: str(path / WEIGHTS), CARD: card.encode()}
-    message = commit_message or f"Upload {config['method']['name']} ensemble ({config['num_members']} members) with posthoc"
-    return commit(
-        repo_id, files, message=message, private=private, revision=revision, create_pr=create_pr, token=token, endpoint=endpoint
-    )
-
-
-def summarize(config: dict[str, Any], path: str | Path | None = None) -> list[tuple[str, str]]:
-    """``(label, text)`` rows describing an artifact: members, combine rule, what is shared, sizes,
-    versions, hyper-parameters and stored metrics (what ``posthoc info`` prints)."""
-    method, combine = config["method"], config["combine"]
-    provenance = Provenance.from_config(config)
-    rows = [
-        ("method", method["name"]),
-        ("members", f"{config['num_members']}: " + ", ".join(m["name"] for m in config["members"])),
-    ]
-    rule = combine["rule"] + (f" (temperature {combine['temperature']:.3g})" if combine.get("temperature", 1) != 1 else "")
-    rows.append(("combine", rule + (", parent included" if provenance.include_parent else "")))
-    rows.append(("classes", str(config["num_classes"])))
-    for g, group in enumerate(config["groups"]):
-        member_names = group["member_tensors"]
-        total = group["shared_numel"] + group["member_numel"] // max(len(group["members"]), 1)
-        share = 100.0 * group["shared_numel"] / max(total, 1)
-        rows.append(
-            (
-                f"group {g}",
-                f"{group['timm_config']['architecture']} x{len(group['members'])}: {len(group['shared_tensors'])} tensors shared "
-                f"({group['shared_numel'] / 1e6:.2f}M elements, {share:.0f}% of a member), {len(member_names)} member-specific "
-                f"({group['member_numel'] / 1e6:.2f}M elements in all)",
-            )
-        )
-        if member_names:
-            rows.append(("", "member-specific: " + _module_summary(member_names)))
-    stored = sum(g["shared_numel"] + g["member_numel"] for g in config["groups"])
-    rows.append(("stored elements", f"{stored / 1e6:.2f}M"))
-    cost = provenance.measured.get("inference_cost")
-    if cost:
-        text = f"{cost['flops_ratio']:.2f}x the parent's forward FLOPs"
-        if cost.get("time_ratio") is not None:
-            text += f", {cost['time_ratio']:.2f}x its forward time where it was built"
-        if cost.get("budget") is not None:
-            text += f" (budget {cost['budget']:g}x)"
-        rows.append(("inference cost", text))
-    if path is not None:
-        rows.append(("size on disk", f"{size_mb(path):.1f} MB"))
-    meta = config["posthoc"]
-    rows.append(("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}"))
-    if provenance.method == "distill":
-        teacher = provenance.measured
-        rows.append(
-            (
-                "distilled from",
-                f"{teacher.get('teacher')} ({teacher.get('teacher_members')} members, "
-                f"{teacher.get('teacher_flops_ratio', 0):.2f}x FLOPs), about "
-                f"{teacher.get('cost_parent_epochs', 0):.2f} parent-epochs",
-            )
-        )
-    if provenance.config:
-        rows.append(("hyper-parameters", ", ".join(f"{k}={v}" for k, v in provenance.config.items())))
-    parent = provenance.metrics.get(f"parent on {provenance.data.get('tuned_on')}")
-    own = provenance.metrics.get(str(provenance.data.get("tuned_on")))
-    if isinstance(parent, dict) and isinstance(own, dict) and "nll" in parent and "nll" in own:
-        rows.append(
-            (
-                "gain on the select part",
-                f"top-1 {own['top1'] - parent['top1']:+.2f}, NLL {own['nll'] - parent['nll']:+.4f} vs the parent",
-            )
-        )
-    for split, metrics in provenance.metrics.items():
-        if isinstance(metrics, dict):
-            rows.append(
-                (f"metrics ({split})", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
-            )
-    return rows
-
-
-def _module_summary(names: list[str], limit: int = 6) -> str:
-    """Tensor names grouped by their module prefix, e.g. 'layer4.* (30), fc.* (2)'."""
-    groups: dict[str, int] = {}
-    for n in names:
-        parts = n.split(".")
-        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
-        groups[key] = groups.get(key, 0) + 1
-    items = [f"{k}.* ({v})" for k, v in groups.items()]
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -419,8 +292,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def size_mb(path: str | Path) -> float:
-    """Size of an artifact directory on disk, in MB (10^6 bytes)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6

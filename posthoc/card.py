@@ -1,8 +1,9 @@
-"""Hub model cards for artifacts: ``huggingface_hub.ModelCard`` rendered from ``model_cards/``.
+"""How an artifact reads to people: its Hub model card and the rows ``posthoc info`` prints.
 
-The front matter is a ``ModelCardData`` (library, license, tags, base models) whose ``eval_results``
-carry the metrics measured at build time, so the Hub renders them; the body is the Jinja template in
-``model_cards/ensemble.md``.
+The card is a ``huggingface_hub.ModelCard``: the front matter is a ``ModelCardData`` (library, license,
+tags, base models) whose ``eval_results`` carry the metrics measured at build time, so the Hub renders
+them; the body is the Jinja template in ``model_cards/ensemble.md``. :func:`summarize` renders the same
+``config.json`` as ``(label, text)`` rows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from .ensemble import MetricKey, Provenance
 
 METHOD_TEXT = {
     "ensemble": "A deep ensemble: independently obtained checkpoints of one label space, combined as they are.",
@@ -109,7 +112,7 @@ def _eval_results(config: dict[str, Any]) -> list:
     dataset = Path(str((config.get("data") or {}).get("dataset", "data"))).name or "data"
     results = []
     for split, m in (config.get("metrics") or {}).items():
-        if not isinstance(m, dict) or split.startswith("parent"):
+        if not isinstance(m, dict) or MetricKey.parse(split).role == "parent":
             continue
         for key, metric_type, label in CARD_METRICS:
             if isinstance(m.get(key), (int, float)):
@@ -136,3 +139,82 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
         cells = [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "" for k, _, _ in CARD_METRICS]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summarize(config: dict[str, Any], size_mb: float | None = None) -> list[tuple[str, str]]:
+    """``(label, text)`` rows describing an artifact: members, combine rule, what is shared, sizes,
+    versions, hyper-parameters and stored metrics (what ``posthoc info`` prints)."""
+    method, combine = config["method"], config["combine"]
+    provenance = Provenance.from_config(config)
+    rows = [
+        ("method", method["name"]),
+        ("members", f"{config['num_members']}: " + ", ".join(m["name"] for m in config["members"])),
+    ]
+    rule = combine["rule"] + (f" (temperature {combine['temperature']:.3g})" if combine.get("temperature", 1) != 1 else "")
+    rows.append(("combine", rule + (", parent included" if provenance.include_parent else "")))
+    rows.append(("classes", str(config["num_classes"])))
+    for g, group in enumerate(config["groups"]):
+        member_names = group["member_tensors"]
+        total = group["shared_numel"] + group["member_numel"] // max(len(group["members"]), 1)
+        share = 100.0 * group["shared_numel"] / max(total, 1)
+        rows.append(
+            (
+                f"group {g}",
+                f"{group['timm_config']['architecture']} x{len(group['members'])}: {len(group['shared_tensors'])} tensors shared "
+                f"({group['shared_numel'] / 1e6:.2f}M elements, {share:.0f}% of a member), {len(member_names)} member-specific "
+                f"({group['member_numel'] / 1e6:.2f}M elements in all)",
+            )
+        )
+        if member_names:
+            rows.append(("", "member-specific: " + _module_summary(member_names)))
+    stored = sum(g["shared_numel"] + g["member_numel"] for g in config["groups"])
+    rows.append(("stored elements", f"{stored / 1e6:.2f}M"))
+    cost = provenance.measured.get("inference_cost")
+    if cost:
+        text = f"{cost['flops_ratio']:.2f}x the parent's forward FLOPs"
+        if cost.get("time_ratio") is not None:
+            text += f", {cost['time_ratio']:.2f}x its forward time where it was built"
+        if cost.get("budget") is not None:
+            text += f" (budget {cost['budget']:g}x)"
+        rows.append(("inference cost", text))
+    if size_mb is not None:
+        rows.append(("size on disk", f"{size_mb:.1f} MB"))
+    meta = config["posthoc"]
+    rows.append(("built with", f"posthoc {meta['posthoc_version']}, torch {meta['torch_version']}, timm {meta['timm_version']}"))
+    if provenance.method == "distill":
+        teacher = provenance.measured
+        rows.append(
+            (
+                "distilled from",
+                f"{teacher.get('teacher')} ({teacher.get('teacher_members')} members, "
+                f"{teacher.get('teacher_flops_ratio', 0):.2f}x FLOPs), about "
+                f"{teacher.get('cost_parent_epochs', 0):.2f} parent-epochs",
+            )
+        )
+    if provenance.config:
+        rows.append(("hyper-parameters", ", ".join(f"{k}={v}" for k, v in provenance.config.items())))
+    parent, own = provenance.metric("parent"), provenance.metric()
+    if parent and own and "nll" in parent and "nll" in own:
+        rows.append(
+            (
+                "gain on the select part",
+                f"top-1 {own['top1'] - parent['top1']:+.2f}, NLL {own['nll'] - parent['nll']:+.4f} vs the parent",
+            )
+        )
+    for split, metrics in provenance.metrics.items():
+        if isinstance(metrics, dict):
+            rows.append(
+                (f"metrics ({split})", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
+            )
+    return rows
+
+
+def _module_summary(names: list[str], limit: int = 6) -> str:
+    """Tensor names grouped by their module prefix, e.g. 'layer4.* (30), fc.* (2)'."""
+    groups: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        groups[key] = groups.get(key, 0) + 1
+    items = [f"{k}.* ({v})" for k, v in groups.items()]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

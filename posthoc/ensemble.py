@@ -25,9 +25,10 @@ data, command line, build-time metrics); it is written next to the ensemble, nev
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -195,6 +196,22 @@ class Ensemble:
                 out.append(m.eval())
         return out
 
+    def as_float32(self) -> Ensemble:
+        """This ensemble with weights stored in half precision widened to float32 for inference (as timm
+        loads half checkpoints into a float32 model; ``torch.autocast`` or ``module.half()`` give lower
+        precision where it is wanted)."""
+
+        def wide(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.float() if v.is_floating_point() and v.dtype != torch.float64 else v for k, v in tensors.items()}
+
+        groups = [dataclasses.replace(g, shared=wide(g.shared), member_tensors=wide(g.member_tensors)) for g in self.groups]
+        combine = self.combine
+        if combine.coupling_weight is not None:
+            combine = dataclasses.replace(
+                combine, coupling_weight=combine.coupling_weight.float(), coupling_bias=combine.coupling_bias.float()
+            )
+        return Ensemble(groups, combine)
+
     def stored_numel(self) -> int:
         """Elements stored in the artifact: shared tensors once, member tensors per member, coupling."""
         n = sum(sum(g.stored_numel()) for g in self.groups)
@@ -222,6 +239,34 @@ class Ensemble:
             for idx in by_arch.values()
         ]
         return cls(groups=groups, combine=combine or Combine())
+
+
+ROLES = ("artifact", "parent", "teacher", "calibrated")
+
+
+class MetricKey(NamedTuple):
+    """The key of a build-time evaluation in an artifact's ``metrics``: whose figures (``role``: the
+    artifact itself, its ``parent``, a distilled student's ``teacher``, or the artifact once re-calibrated)
+    on which data ``part`` (e.g. ``val:select``). Written as ``val:select``, ``parent on val:select``,
+    ``teacher on val:select`` and ``val:select (calibrated)``."""
+
+    part: str
+    role: str = "artifact"
+
+    def __str__(self) -> str:
+        if self.role == "artifact":
+            return self.part
+        if self.role == "calibrated":
+            return f"{self.part} (calibrated)"
+        return f"{self.role} on {self.part}"
+
+    @classmethod
+    def parse(cls, text: str) -> MetricKey:
+        """The key a metrics entry was written under."""
+        if text.endswith(" (calibrated)"):
+            return cls(text.removesuffix(" (calibrated)"), "calibrated")
+        role, sep, part = text.partition(" on ")
+        return cls(part, role) if sep and role in ROLES else cls(text)
 
 
 @dataclass
@@ -259,3 +304,9 @@ class Provenance:
             metrics=dict(config.get("metrics") or {}),
             command=config.get("command"),
         )
+
+    def metric(self, role: str = "artifact", part: str | None = None) -> dict[str, Any] | None:
+        """The recorded figures of ``role`` on ``part`` (default: the part it was tuned on), if any."""
+        key = MetricKey(part or str(self.data.get("tuned_on")), role)
+        value = self.metrics.get(str(key))
+        return value if isinstance(value, dict) else None

@@ -102,3 +102,8 @@ def write_text_atomically(path: Path, text: str, what: str) -> None:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def size_mb(path: str | Path) -> float:
+    """Size of a directory (an artifact) on disk, in MB (10^6 bytes)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6

@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from . import distributed
+from .command_options import SCHEDULES
 from .errors import PosthocError
 from .metrics import fit_temperature, scores
 from .runtime import autocast, progress, seeded_generator
@@ -128,9 +129,6 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     """Cosine annealing of the learning rate from its value to 0 over ``total_steps`` steps."""
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-
-
-SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 def sgd_with_schedule(

@@ -92,3 +92,40 @@ def assert_same_artifact(a: Path, b: Path) -> None:
     for config in configs:
         config["method"]["measured"]["inference_cost"].pop("time_ratio")
     assert configs[0] == configs[1]
+
+
+# ------------------------------------------------------------------------------------ running posthoc
+QUIET = ["--workers", "0", "--no-progress"]  # CLI flags of every test run: no loader workers, no progress bars
+
+TINY = {  # each method's options for runs of seconds on the generated data (Python keywords)
+    "noisy": dict(population=8, members=5, kl_samples=20),
+    "resample": dict(batch_size=16, members=2, include_mean=False, bn_batches=1),  # 120 images: 7 steps an epoch
+    "sparse": dict(batch_size=16, child_epochs=0.5, bn_batches=1, include_parent=False),
+    "lastlayer": dict(epochs_per_layer=2, batch_size=16),
+    "supernet": dict(epochs_per_layer=2, batch_size=16, coupling_epochs=2),
+}
+
+
+def run_boost(parents, method: str, data: Path, out: Path, *, tiny: bool = True, **options):
+    """``posthoc.commands.boost.boost`` quietly (no workers, progress or log) with ``TINY[method]`` as defaults."""
+    from posthoc.commands.boost import boost
+
+    specs = [str(p) for p in parents] if isinstance(parents, (list, tuple)) else [str(parents)]
+    chosen = {**(TINY[method] if tiny else {}), **options}
+    return boost(specs, method, data, out, workers=0, progress=False, log=lambda m: None, **chosen)
+
+
+def flags(**options) -> list[str]:
+    """Python keywords as command-line flags: ``child_epochs=0.5`` -> ``--child-epochs 0.5``, booleans as switches."""
+    out: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def boost_args(parents, method: str, data: Path, out: Path, *extra: str, tiny: bool = False) -> list[str]:
+    """``posthoc boost`` arguments for the CLI, quiet, optionally with ``TINY[method]``."""
+    specs = [str(p) for p in parents] if isinstance(parents, (list, tuple)) else [str(parents)]
+    preset = flags(**TINY[method]) if tiny else []
+    return ["boost", *specs, "--method", method, "--data", str(data), "--out", str(out), *QUIET, *preset, *extra]

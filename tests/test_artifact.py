@@ -14,7 +14,7 @@ from posthoc.artifact import read_config
 from posthoc.cli import main
 from posthoc.fused import EnsembleModule
 
-from .helpers import save_hub_layout, tiny_model
+from .helpers import QUIET, save_hub_layout, tiny_model
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -261,7 +261,15 @@ def test_damaged_artifact_fails_with_one_line(tmp_path, capsys, image_data, dama
         (art / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PosthocError, match=message):
         posthoc.load(art)
-    code = main(["eval", str(art), "--data", str(image_data), "--workers", "0", "--no-progress"])
+    code = main(
+        [
+            "eval",
+            str(art),
+            "--data",
+            str(image_data),
+            *QUIET,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and message.split()[0] in err
 
@@ -280,9 +288,7 @@ def test_cli_ensemble_info_eval(tmp_path, capsys, image_data):
                 str(out),
                 "--data",
                 str(image_data),
-                "--workers",
-                "0",
-                "--no-progress",
+                *QUIET,
                 "--results-file",
                 str(tmp_path / "r.json"),
             ]

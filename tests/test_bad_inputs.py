@@ -18,7 +18,7 @@ import torch
 import posthoc
 from posthoc.cli import main
 
-from .helpers import CLASSES, save_hub_layout, tiny_model
+from .helpers import CLASSES, QUIET, save_hub_layout, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +119,13 @@ CASES = [
     (["eval", "{m}", "--data", "{d}", "--mean", "0.5,0.5"], "one value per color channel"),
     (["eval", "{m}", "--data", "{d}", "--mean", "half"], "comma-separated numbers"),
     (["eval", "{m}", "--data", "{d}", "--std", "0,0,0"], "--std values must be positive"),
-    (["eval", "{m}", "--data", "{d}", "--img-size", "0"], "--img-size must be a positive number of pixels"),
-    (["eval", "{m}", "--data", "{d}", "--crop-pct", "-1"], "--crop-pct is the fraction"),
-    (["eval", "{m}", "--data", "{d}", "--crop-pct", "0"], "--crop-pct is the fraction"),
+    (["eval", "{m}", "--data", "{d}", "--img-size", "0"], "--img-size must be at least 1"),
+    (["eval", "{m}", "--data", "{d}", "--crop-pct", "-1"], "--crop-pct must be more than 0"),
+    (["eval", "{m}", "--data", "{d}", "--crop-pct", "0"], "--crop-pct must be more than 0"),
     (["eval", "{m}", "--data", "{d}", "--interpolation", "fancy"], "--interpolation must be one of"),
     (["eval", "{m}", "--data", "{d}", "--device", "cuda"], "no CUDA GPU is available; use --device cpu"),
     (["eval", "{m}", "--data", "{d}", "--device", "tpu"], "unknown device 'tpu'"),
-    (["eval", "{m}", "--data", "{d}", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["eval", "{m}", "--data", "{d}", "--model-dtype", "float8"], "--model-dtype must be one of float32, float16, bfloat16"),
     (["eval", "{m}", "--data", "{d}", "--results-file", "{o}/r.txt"], "must end in .json or .csv"),
     (["eval", "{m}", "--data", "{d}", "--bogus"], "No such option: --bogus"),
     # boost
@@ -134,7 +134,7 @@ CASES = [
         ["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--last-layers", "99"],
         "--last-layers 99 is more than this model has",
     ),
-    (["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--members", "0"], "--members must be >= 1"),
+    (["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--members", "0"], "--members must be at least 1"),
     (
         ["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--include-parent", "false"],
         "looks like a value for an on/off option",
@@ -147,11 +147,20 @@ CASES = [
     (["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{w}/plain_dir", "--overwrite"], "replaces artifacts only"),
     (
         ["boost", "{w}/art", "--method", "noisy", "--data", "{d}", "--out", "{o}"],
-        "starts from checkpoints, not from an ensemble artifact",
+        "is an ensemble artifact; start from a checkpoint",
     ),
-    (["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--inference-budget", "0.5"], "must be at least 1.0"),
-    (["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--target-kl", "-1"], "--target-kl must be > 0"),
-    (["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (
+        ["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--inference-budget", "0.5"],
+        "--inference-budget must be at least 1",
+    ),
+    (
+        ["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--target-kl", "-1"],
+        "--target-kl must be more than 0",
+    ),
+    (
+        ["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--storage-dtype", "float8"],
+        "--storage-dtype must be one of auto",
+    ),
     (
         ["boost", "{m}", "--method", "resample", "--data", "{d}", "--out", "{o}", "--stats", "{w}/no.safetensors"],
         "does not exist; write one with --save-stats",
@@ -163,7 +172,7 @@ CASES = [
     (["info", "{w}/noweights_art"], "has no model.safetensors"),
     (["eval", "{w}/newer", "--data", "{d}"], "newer than this posthoc reads"),
     (["ensemble", "{m}", "--out", "{o}"], "at least two models"),
-    (["ensemble", "{m}", "{w}/five", "--out", "{o}"], "members must share a label space"),
+    (["ensemble", "{m}", "{w}/five", "--out", "{o}"], "must share a label space"),
     (["push", "{w}/art", "--repo", "not-a-repo-id"], "is not a Hub repository id"),
     (["distill", "{m}", "--data", "{d}", "--out", "{o}"], "is not an ensemble artifact"),
     (["calibrate", "{w}/labeled", "--data", "{w}/renamed", "--out", "{o}"], "do not match the model's label names"),
@@ -226,11 +235,11 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypa
     locked.mkdir()
     real = os.access
     monkeypatch.setattr(posthoc.paths.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
-    import posthoc.boost
-    import posthoc.evaluate
+    import posthoc.commands.boost
+    import posthoc.commands.eval
 
     calls = []
-    for module in (posthoc.boost, posthoc.evaluate):
+    for module in (posthoc.commands.boost, posthoc.commands.eval):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: calls.append(a))
     for argv in (
         ["boost", str(resnet_dir), "--method", "noisy", "--data", str(image_data), "--out", str(locked / "a")],
@@ -305,9 +314,7 @@ def test_skip_bad_images_counts_and_goes_on(tmp_path, capsys, world, resnet_dir)
                 "--data",
                 str(world / "badimg"),
                 "--skip-bad-images",
-                "--workers",
-                "0",
-                "--no-progress",
+                *QUIET,
                 "--results-file",
                 str(results),
             ]
@@ -324,7 +331,7 @@ def test_skip_bad_images_counts_and_goes_on(tmp_path, capsys, world, resnet_dir)
 def test_class_map_maps_renamed_folders(tmp_path, capsys, world, resnet_dir, image_data):
     mapping = tmp_path / "map.txt"
     mapping.write_text("disc\nsquare\nstripes\n")  # the data's names, in the model's class order
-    common = ["--workers", "0", "--no-progress", "--results-file"]
+    common = [*QUIET, "--results-file"]
     assert (
         main(
             [
@@ -358,9 +365,7 @@ def test_bare_weights_file_uses_config_beside_it_or_warns(tmp_path, capsys, resn
                 "test_resnet",
                 "--data",
                 str(image_data),
-                "--workers",
-                "0",
-                "--no-progress",
+                *QUIET,
                 "--subset",
                 "4",
             ]
@@ -379,9 +384,7 @@ def test_bare_weights_file_uses_config_beside_it_or_warns(tmp_path, capsys, resn
                 "test_resnet",
                 "--data",
                 str(image_data),
-                "--workers",
-                "0",
-                "--no-progress",
+                *QUIET,
                 "--subset",
                 "4",
                 "--results-file",

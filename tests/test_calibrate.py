@@ -10,12 +10,12 @@ import torch
 
 import posthoc
 from posthoc import Combine, Ensemble
-from posthoc.calibrate import fit_ensemble_temperature
 from posthoc.cli import main
 from posthoc.ensemble import combine_probabilities
 from posthoc.metrics import fit_temperature
+from posthoc.temperature import fit_ensemble_temperature
 
-from .helpers import tiny_model
+from .helpers import QUIET, tiny_model
 
 X = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -84,9 +84,7 @@ def test_boost_without_temperature_scaling_leaves_outputs_unchanged(tmp_path, re
         "noisy",
         "--data",
         str(image_data),
-        "--workers",
-        "0",
-        "--no-progress",
+        *QUIET,
         "--population",
         "4",
         "--members",
@@ -111,7 +109,7 @@ def test_boost_without_temperature_scaling_leaves_outputs_unchanged(tmp_path, re
 
 
 def test_cross_validation_rejects_a_temperature_that_would_hurt_new_images():
-    from posthoc.calibrate import cross_validated_nll
+    from posthoc.temperature import cross_validated_nll
 
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(1, 40, 4, generator=gen)

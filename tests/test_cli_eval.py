@@ -12,6 +12,8 @@ from posthoc.cli import main
 from posthoc.data import eval_transform, open_split, resolve_data_config
 from posthoc.sources import load_model
 
+from .helpers import QUIET
+
 
 def run(capsys, *args):
     code = main([str(a) for a in args])
@@ -113,7 +115,11 @@ def test_eval_errors_are_one_line(capsys, monkeypatch, resnet_dir, image_data, a
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = [a.format(model=resnet_dir, data=image_data) for a in args]
-    code, _out, err = run(capsys, *args, "--workers", "0", "--no-progress")
+    code, _out, err = run(
+        capsys,
+        *args,
+        *QUIET,
+    )
     assert code == 2
     text = " ".join(err.split())
     assert re.search(message, text), text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from posthoc.cli import main
-from posthoc.demo import write_digits
+from posthoc.commands.demo import write_digits
 
 
 def test_digits_are_written_as_image_folder(tmp_path):

@@ -11,11 +11,13 @@ import torch
 
 import posthoc
 from posthoc.cli import main
+from posthoc.command_options import DistillConfig
+from posthoc.commands.distill import distill
 from posthoc.data import eval_transform, make_loader, open_split, resolve_data_config
-from posthoc.distill import DistillConfig, distill, distillation_loss, mixed_batches
+from posthoc.distillation import distillation_loss, mixed_batches
 from posthoc.errors import PosthocError
 
-from .helpers import save_hub_layout, tiny_model
+from .helpers import QUIET, save_hub_layout, tiny_model
 
 
 def _trained(seed: int, data):
@@ -73,7 +75,7 @@ def test_student_moves_toward_the_teacher_on_held_out_images(tmp_path, teacher, 
         student=str(resnet_dir),
         config=FAST,
         workers=0,
-        show_progress=False,
+        progress=False,
         log=lambda m: None,
         temperature_scaling=False,
     )
@@ -89,10 +91,20 @@ def test_student_moves_toward_the_teacher_on_held_out_images(tmp_path, teacher, 
 
 def test_same_seed_gives_the_same_student_and_it_is_an_ordinary_artifact(tmp_path, capsys, teacher, image_data):
     for d in ("a", "b"):
-        distill(str(teacher), image_data, tmp_path / d, config=FAST, workers=0, show_progress=False, log=lambda m: None)
+        distill(str(teacher), image_data, tmp_path / d, config=FAST, workers=0, progress=False, log=lambda m: None)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert (
-        main(["eval", str(tmp_path / "a"), "--data", str(image_data), "--split", "val:report", "--workers", "0", "--no-progress"])
+        main(
+            [
+                "eval",
+                str(tmp_path / "a"),
+                "--data",
+                str(image_data),
+                "--split",
+                "val:report",
+                *QUIET,
+            ]
+        )
         == 0
     )
     assert main(["info", str(tmp_path / "a")]) == 0
@@ -101,11 +113,11 @@ def test_same_seed_gives_the_same_student_and_it_is_an_ordinary_artifact(tmp_pat
 
 def test_cached_teacher_and_consensus_loss(tmp_path, teacher, image_data):
     cached = DistillConfig(epochs=2, temperature=2.0, max_lr=0.05, batch_size=16, cache_teacher=True)
-    r = distill(str(teacher), image_data, tmp_path / "c", config=cached, workers=0, show_progress=False, log=lambda m: None)
+    r = distill(str(teacher), image_data, tmp_path / "c", config=cached, workers=0, progress=False, log=lambda m: None)
     assert r["cost_parent_epochs"] == pytest.approx(2 + r["teacher_flops_ratio"] / 3)  # one teacher pass for both epochs
     consensus = DistillConfig(epochs=1, consensus=True, batch_size=16)
     assert consensus.alpha == 1.0
-    distill(str(teacher), image_data, tmp_path / "k", config=consensus, workers=0, show_progress=False, log=lambda m: None)
+    distill(str(teacher), image_data, tmp_path / "k", config=consensus, workers=0, progress=False, log=lambda m: None)
     assert posthoc.load(tmp_path / "k").num_members == 1
 
 
@@ -123,14 +135,14 @@ def test_mixup_mixes_images_and_targets_with_one_weight_per_batch():
 
 def test_mixup_distils_on_mixed_images_and_excludes_a_cached_teacher(tmp_path, teacher, image_data):
     cfg = DistillConfig(epochs=1, mixup=1.0, batch_size=16)
-    distill(str(teacher), image_data, tmp_path / "m", config=cfg, workers=0, show_progress=False, log=lambda m: None)
+    distill(str(teacher), image_data, tmp_path / "m", config=cfg, workers=0, progress=False, log=lambda m: None)
     plain = DistillConfig(epochs=1, batch_size=16)
-    distill(str(teacher), image_data, tmp_path / "p", config=plain, workers=0, show_progress=False, log=lambda m: None)
+    distill(str(teacher), image_data, tmp_path / "p", config=plain, workers=0, progress=False, log=lambda m: None)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() != (tmp_path / "p" / "model.safetensors").read_bytes()
     assert json.loads((tmp_path / "m" / "config.json").read_text())["method"]["config"]["mixup"] == 1.0
     with pytest.raises(PosthocError, match="drop --cache-teacher"):
         DistillConfig(mixup=1.0, cache_teacher=True)
-    with pytest.raises(PosthocError, match="--mixup must be >= 0"):
+    with pytest.raises(PosthocError, match="--mixup must be at least 0"):
         DistillConfig(mixup=-1)
 
 
@@ -157,9 +169,7 @@ def test_boost_with_distill_writes_student_and_teacher(tmp_path, capsys, resnet_
         str(image_data),
         "--out",
         str(out),
-        "--workers",
-        "0",
-        "--no-progress",
+        *QUIET,
         "--epochs",
         "0.5",
         "--batch-size",

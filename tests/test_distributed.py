@@ -24,7 +24,7 @@ from posthoc.cli import main
 from posthoc.data import make_loader
 from posthoc.errors import PosthocError
 
-from .helpers import assert_same_artifact, make_image_folder, save_hub_layout, tiny_model
+from .helpers import QUIET, assert_same_artifact, make_image_folder, save_hub_layout, tiny_model
 
 TIMEOUT = 300
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
@@ -270,7 +270,7 @@ def test_split_children_and_sharded_caches_give_the_same_artifact(tmp_path, inpu
         "lastlayer": ["--last-layers", "2", "--epochs-per-layer", "1"],
     }[method]
     args = ["boost", str(inputs["resnet"]), "--method", method, *flags, "--batch-size", "16", "--data", str(inputs["data"])]
-    args += ["--workers", "0", "--no-progress", "--out", "art"]
+    args += [*QUIET, "--out", "art"]
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     two = posthoc_on_two(args, cwd=tmp_path / "two")
@@ -284,7 +284,7 @@ def test_a_failing_process_ends_both_with_one_line_and_no_artifact(tmp_path, inp
     """A bad data path on one process only: the other, already working (or waiting in a collective), stops
     too; rank 0 prints one line naming the problem (and the rank), nothing is written."""
     args = ["boost", str(inputs["resnet"]), "--method", "noisy", "--population", "4", "--members", "3"]
-    args += ["--kl-samples", "30", "--workers", "0", "--no-progress", "--out", str(tmp_path / "art")]
+    args += ["--kl-samples", "30", *QUIET, "--out", str(tmp_path / "art")]
     good, bad = ["--data", str(inputs["data"])], ["--data", str(tmp_path / "missing")]
     commands = [["-m", "posthoc", *args, *(bad if r == failing else good)] for r in range(2)]
     runs = launch(commands)

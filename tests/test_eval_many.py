@@ -14,11 +14,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from posthoc.cli import main
+from posthoc.commands.eval import evaluate_spec
 from posthoc.data import from_records, open_split
-from posthoc.evaluate import evaluate, evaluate_spec
+from posthoc.evaluate import evaluate
 from posthoc.sources import expand_specs
 
-from .helpers import CLASSES, save_hub_layout, tiny_model
+from .helpers import CLASSES, QUIET, save_hub_layout, tiny_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -32,14 +33,14 @@ def test_folder_tar_and_in_memory_dataset_give_the_same_metrics(tmp_path, resnet
     with tarfile.open(archive, "w") as tar:
         for cls in CLASSES:
             tar.add(image_data / "val" / cls, arcname=cls)
-    folder = evaluate_spec(str(resnet_dir), image_data, "val", workers=0, show_progress=False)
-    packed = evaluate_spec(str(resnet_dir), archive, "val", workers=0, show_progress=False)
+    folder = evaluate_spec(str(resnet_dir), image_data, "val", workers=0, progress=False)
+    packed = evaluate_spec(str(resnet_dir), archive, "val", workers=0, progress=False)
     dataset = open_split(image_data, "val")
     records = [{"image": Image.open(path), "label": label} for path, label in dataset.samples]
-    in_memory = evaluate_spec(str(resnet_dir), from_records(records, dataset.classes), "val", workers=0, show_progress=False)
+    in_memory = evaluate_spec(str(resnet_dir), from_records(records, dataset.classes), "val", workers=0, progress=False)
     assert _metrics(folder) == _metrics(packed) == _metrics(in_memory)
     # keys of a tar are its member names, so its parts are the folder's parts
-    report = [evaluate_spec(str(resnet_dir), d, "val:report", workers=0, show_progress=False) for d in (image_data, archive)]
+    report = [evaluate_spec(str(resnet_dir), d, "val:report", workers=0, progress=False) for d in (image_data, archive)]
     assert _metrics(report[0]) == _metrics(report[1])
 
 
@@ -55,9 +56,7 @@ def test_model_list_with_a_broken_spec_writes_every_row_and_exits_1(tmp_path, ca
             str(model_list),
             "--data",
             str(image_data),
-            "--workers",
-            "0",
-            "--no-progress",
+            *QUIET,
             "--results-file",
             str(results),
             "--sort",
@@ -89,8 +88,8 @@ def test_valid_labels_equal_a_reheaded_model_restricted_to_those_classes(tmp_pat
     small = tiny_model("test_resnet", num_classes=3, seed=2)
     small.load_state_dict({**big.state_dict(), "fc.weight": big.fc.weight[valid], "fc.bias": big.fc.bias[valid]})
     narrow = save_hub_layout(small, tmp_path / "three")
-    restricted = evaluate_spec(str(wide), image_data, "val", valid_labels=tmp_path / "valid.txt", workers=0, show_progress=False)
-    reheaded = evaluate_spec(str(narrow), image_data, "val", workers=0, show_progress=False)
+    restricted = evaluate_spec(str(wide), image_data, "val", valid_labels=tmp_path / "valid.txt", workers=0, progress=False)
+    reheaded = evaluate_spec(str(narrow), image_data, "val", workers=0, progress=False)
     assert restricted["top1"] == reheaded["top1"] and restricted["nll"] == pytest.approx(reheaded["nll"], abs=1e-5)
 
 
@@ -111,9 +110,7 @@ def test_real_labels_file_maps_imagenet_file_names(tmp_path, resnet_dir):
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / f"ILSVRC2012_val_{i:08d}.JPEG", format="PNG")
     (tmp_path / "real.json").write_text(json.dumps([[0], [0, 1, 2], [], [1], [2], [0]]))
-    r = evaluate_spec(
-        str(resnet_dir), tmp_path / "data", "val", real_labels=tmp_path / "real.json", workers=0, show_progress=False
-    )
+    r = evaluate_spec(str(resnet_dir), tmp_path / "data", "val", real_labels=tmp_path / "real.json", workers=0, progress=False)
     assert r["real_images"] == 5 and "top1_original" in r
 
 
@@ -131,6 +128,6 @@ def test_bfloat16_autocast_on_cpu_is_within_half_a_point_of_float32(tmp_path):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tar.extractfile(member).read())
     parent = str(SHARED / "parents" / "resnet18_cifar10_s0")
-    full = evaluate_spec(parent, tmp_path, "val", workers=0, show_progress=False)
-    mixed = evaluate_spec(parent, tmp_path, "val", amp=True, workers=0, show_progress=False)
+    full = evaluate_spec(parent, tmp_path, "val", workers=0, progress=False)
+    mixed = evaluate_spec(parent, tmp_path, "val", amp=True, workers=0, progress=False)
     assert full["images"] == 1000 and abs(full["top1"] - mixed["top1"]) <= 0.5

@@ -16,8 +16,8 @@ import torch
 
 import posthoc
 from posthoc import Ensemble, PosthocError
-from posthoc.artifact import push
 from posthoc.cli import main
+from posthoc.commands.push import push
 
 from .helpers import fill_hf_cache, tiny_model
 

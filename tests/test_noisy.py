@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from posthoc import PosthocError
-from posthoc.boost import boost
 from posthoc.cli import main
+from posthoc.commands.boost import boost
 from posthoc.data import ImageSet
 from posthoc.methods.noisy import Child, ChildScorer, Mutator, kl_to_parent, mutable_tensors, population_plan, search_sigma
 
-from .helpers import assert_same_artifact, tiny_model
+from .helpers import QUIET, assert_same_artifact, run_boost, tiny_model
 
 
 def test_four_children_of_one_draw_are_mirrored_and_partitioned():
@@ -92,17 +92,10 @@ def test_scored_suffix_matches_full_child(image_data):
         assert torch.allclose(scorer.logits(tensors), child(x), atol=1e-5)
 
 
-def _boost(resnet_dir, image_data, out, **kw):
-    kw.setdefault("population", 8)
-    kw.setdefault("members", 5)
-    kw.setdefault("kl_samples", 20)
-    return boost([str(resnet_dir)], "noisy", image_data, out, workers=0, show_progress=False, log=lambda m: None, **kw)
-
-
 def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", seed=7)
-    _boost(resnet_dir, image_data, tmp_path / "b", seed=7)
-    _boost(resnet_dir, image_data, tmp_path / "c", seed=8)
+    run_boost(resnet_dir, "noisy", image_data, tmp_path / "a", seed=7)
+    run_boost(resnet_dir, "noisy", image_data, tmp_path / "b", seed=7)
+    run_boost(resnet_dir, "noisy", image_data, tmp_path / "c", seed=8)
     read = lambda d, f: (tmp_path / d / f).read_bytes()
     assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert read("a", "model.safetensors") != read("c", "model.safetensors")
@@ -128,13 +121,13 @@ def test_selection_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, 
         return original(self, index)
 
     monkeypatch.setattr(ImageSet, "__getitem__", spy)
-    _boost(resnet_dir, image_data, tmp_path / "a", bn_recalibrate=True, bn_batches=1)
+    run_boost(resnet_dir, "noisy", image_data, tmp_path / "a", bn_batches=1)
     val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
     assert val_seen and not (val_seen & report)
 
 
 def test_bn_recalibration_changes_only_scoped_statistics(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", last_layers=2, bn_recalibrate=True, bn_batches=2)
+    run_boost(resnet_dir, "noisy", image_data, tmp_path / "a", last_layers=2, bn_batches=2)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     stacked = config["groups"][0]["member_tensors"]
     assert any(n.endswith("running_var") for n in stacked)
@@ -153,9 +146,7 @@ def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
             str(image_data),
             "--out",
             str(out),
-            "--workers",
-            "0",
-            "--no-progress",
+            *QUIET,
             "--population",
             "4",
             "--members",
@@ -193,9 +184,7 @@ def test_old_scope_flag_still_works_with_a_deprecation_line(tmp_path, capsys, re
         "noisy",
         "--data",
         str(image_data),
-        "--workers",
-        "0",
-        "--no-progress",
+        *QUIET,
         "--population",
         "4",
         "--members",
@@ -217,9 +206,9 @@ def test_old_scope_flag_still_works_with_a_deprecation_line(tmp_path, capsys, re
     "flags, message",
     [
         (["--densty", "0.3"], "No such option: --densty"),
-        (["--density", "2"], "--density must be <= 1, got 2"),
+        (["--density", "2"], "--density must be at most 1, got 2"),
         (["--members", "many"], "Invalid value for '--members'"),
-        (["--fitness", "f1"], "'f1' is not one of 'accuracy', 'nll'"),
+        (["--fitness", "f1"], "must be one of accuracy, nll, got 'f1'"),
         (["--members", "9", "--population", "4"], "keeps 8 children"),
     ],
 )

@@ -9,7 +9,6 @@ import torch
 from safetensors import safe_open
 
 from posthoc import PosthocError
-from posthoc.boost import boost
 from posthoc.cli import main
 from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
 from posthoc.methods import BoostContext
@@ -22,7 +21,7 @@ from posthoc.methods.resample import (
 )
 from posthoc.sources import load_model
 
-from .helpers import assert_same_artifact, tiny_model
+from .helpers import QUIET, assert_same_artifact, run_boost, tiny_model
 
 
 def _random_batches(n: int, seed: int = 0, size: int = 8):
@@ -139,18 +138,10 @@ def test_stats_round_trip_through_safetensors(tmp_path):
 
 
 # --------------------------------------------------------------------------------- through boost
-def _boost(resnet_dir, image_data, out, **kw):
-    kw.setdefault("batch_size", 16)  # 120 training images: 7 steps per epoch
-    kw.setdefault("members", 2)
-    kw.setdefault("include_mean", False)  # most tests look at the draws
-    kw.setdefault("bn_batches", 1)
-    return boost([str(resnet_dir)], "resample", image_data, out, workers=0, show_progress=False, log=lambda m: None, **kw)
-
-
 def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", seed=3, members=3, include_mean=True)
-    _boost(resnet_dir, image_data, tmp_path / "b", seed=3, members=3, include_mean=True)
-    _boost(resnet_dir, image_data, tmp_path / "c", seed=4, members=3, include_mean=True)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "a", seed=3, members=3, include_mean=True)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "b", seed=3, members=3, include_mean=True)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "c", seed=4, members=3, include_mean=True)
     read = lambda d, f: (tmp_path / d / f).read_bytes()
     assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert read("a", "model.safetensors") != read("c", "model.safetensors")
@@ -164,8 +155,8 @@ def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data
 def test_bn_statistics_change_after_recalibration(tmp_path, resnet_dir, image_data):
     from posthoc.artifact import read
 
-    _boost(resnet_dir, image_data, tmp_path / "r", members=1, include_mean=True, bn_batches=2, seed=1)
-    _boost(resnet_dir, image_data, tmp_path / "k", members=1, include_mean=True, bn_batches=0, seed=1)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "r", members=1, include_mean=True, bn_batches=2, seed=1)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "k", members=1, include_mean=True, bn_batches=0, seed=1)
     recal, _ = read(tmp_path / "r")
     kept, _ = read(tmp_path / "k")
     assert recal.num_members == 1 and recal.member_names == ["mean"]
@@ -187,7 +178,7 @@ def test_bn_statistics_change_after_recalibration(tmp_path, resnet_dir, image_da
 
 
 def test_members_have_their_own_bn_statistics(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", members=3)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "a", members=3)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     stacked = config["groups"][0]["member_tensors"]
     assert [m["name"] for m in config["members"]] == ["sample-0", "sample-1", "sample-2"]
@@ -197,7 +188,7 @@ def test_members_have_their_own_bn_statistics(tmp_path, resnet_dir, image_data):
 
 def test_saved_stats_redraw_without_finetuning(tmp_path, monkeypatch, resnet_dir, image_data):
     stats_file = tmp_path / "stats" / "s.safetensors"
-    _boost(resnet_dir, image_data, tmp_path / "a", save_stats=str(stats_file), seed=2)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "a", save_stats=str(stats_file), seed=2)
     stats, meta = WelfordStats.load(stats_file)
     assert stats.count == 7 and json.loads(meta["finetune"])["lr"] > 0 and meta["architecture"] == "test_resnet"
     import posthoc.methods.resample as rs
@@ -206,9 +197,9 @@ def test_saved_stats_redraw_without_finetuning(tmp_path, monkeypatch, resnet_dir
         raise AssertionError("--stats must not fine-tune")
 
     monkeypatch.setattr(rs, "finetune_with_stats", no_finetune)
-    _boost(resnet_dir, image_data, tmp_path / "b", stats=str(stats_file), seed=2)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "b", stats=str(stats_file), seed=2)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
-    _boost(resnet_dir, image_data, tmp_path / "c", stats=str(stats_file), seed=9, members=1, include_mean=True)
+    run_boost(resnet_dir, "resample", image_data, tmp_path / "c", stats=str(stats_file), seed=9, members=1, include_mean=True)
     from posthoc.artifact import read
 
     mean_member = read(tmp_path / "c")[0].groups[0].member_state_dict(0)
@@ -223,17 +214,19 @@ def test_stats_of_another_model_are_refused(tmp_path, resnet_dir, image_data):
     stats = _stats_of(other, steps=2)
     path = stats.save(tmp_path / "o.safetensors")  # no architecture recorded: the parameter check must catch it
     with pytest.raises(PosthocError, match="recorded for other parameters"):
-        _boost(resnet_dir, image_data, tmp_path / "x", stats=str(path))
+        run_boost(resnet_dir, "resample", image_data, tmp_path / "x", stats=str(path))
     assert not (tmp_path / "x").exists()
 
 
 def test_fractional_epochs_burn_in_and_every(tmp_path, resnet_dir, image_data):
-    s = _boost(resnet_dir, image_data, tmp_path / "a", epochs=1.5, burn_in=2, every=3, members=1, include_mean=True)
+    s = run_boost(
+        resnet_dir, "resample", image_data, tmp_path / "a", epochs=1.5, burn_in=2, every=3, members=1, include_mean=True
+    )
     assert s["notes"]["steps"] == 10 and s["notes"]["snapshots"] == (10 - 2) // 3 and s["members"] == 1
     with pytest.raises(PosthocError, match="leave no snapshot"):
-        _boost(resnet_dir, image_data, tmp_path / "b", epochs=0.5, burn_in=4)
+        run_boost(resnet_dir, "resample", image_data, tmp_path / "b", epochs=0.5, burn_in=4)
     with pytest.raises(PosthocError, match="at least 2 snapshots"):
-        _boost(resnet_dir, image_data, tmp_path / "c", epochs=0.5, burn_in=3)
+        run_boost(resnet_dir, "resample", image_data, tmp_path / "c", epochs=0.5, burn_in=3)
 
 
 def test_parent_is_left_untouched(image_data):
@@ -282,9 +275,7 @@ def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
             str(image_data),
             "--out",
             str(out),
-            "--workers",
-            "0",
-            "--no-progress",
+            *QUIET,
             "--epochs",
             "0.5",
             "--batch-size",
@@ -319,16 +310,16 @@ def test_cli_boost_with_method_flags(tmp_path, capsys, resnet_dir, image_data):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--lr", "-1"], "--lr must be > 0, got -1"),
-        (["--epochs", "0"], "--epochs must be > 0, got 0"),
-        (["--momentum", "1"], "--momentum must be < 1, got 1"),
-        (["--members", "-2"], "--members must be >= 1, got -2"),
-        (["--std-scale", "0"], "--std-scale must be > 0, got 0"),
-        (["--every", "0"], "--every must be >= 1, got 0"),
-        (["--stats-dtype", "float16"], "'float16' is not one of 'float32', 'float64'"),
+        (["--lr", "-1"], "--lr must be more than 0, got -1"),
+        (["--epochs", "0"], "--epochs must be more than 0, got 0"),
+        (["--momentum", "1"], "--momentum must be less than 1, got 1"),
+        (["--members", "-2"], "--members must be at least 1, got -2"),
+        (["--std-scale", "0"], "--std-scale must be more than 0, got 0"),
+        (["--every", "0"], "--every must be at least 1, got 0"),
+        (["--stats-dtype", "float16"], "must be one of float32, float64, got 'float16'"),
         (["--save-stats", "stats.pt"], "--save-stats must name a .safetensors file"),
         (["--stats", "missing.safetensors"], "does not exist; write one with --save-stats"),
-        (["--augment", "heavy"], "'heavy' is not one of 'light', 'timm', 'none'"),
+        (["--augment", "heavy"], "must be one of light, timm, none, got 'heavy'"),
     ],
 )
 def test_cli_boost_flag_errors(tmp_path, capsys, resnet_dir, image_data, flags, message):
@@ -347,9 +338,7 @@ def test_old_members_zero_and_scale_still_work_with_deprecation_lines(tmp_path, 
         "resample",
         "--data",
         str(image_data),
-        "--workers",
-        "0",
-        "--no-progress",
+        *QUIET,
         "--epochs",
         "0.5",
         "--batch-size",

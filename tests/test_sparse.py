@@ -11,21 +11,12 @@ import torch
 
 from posthoc import PosthocError
 from posthoc.artifact import read
-from posthoc.boost import boost
 from posthoc.cli import main
 from posthoc.data import ImageSet
-from posthoc.methods.base import make_config
 from posthoc.methods.sparse import Annealer, Masked, SparseConfig, group_masks, prunable_tensors
+from posthoc.options import make_config
 
-from .helpers import assert_same_artifact, tiny_model
-
-FAST = dict(batch_size=16, child_epochs=0.5, bn_batches=1, include_parent=False)
-
-
-def _boost(resnet_dir, image_data, out, **kw):
-    for k, v in FAST.items():
-        kw.setdefault(k, v)
-    return boost([str(resnet_dir)], "sparse", image_data, out, workers=0, show_progress=False, log=lambda m: None, **kw)
+from .helpers import QUIET, assert_same_artifact, run_boost, tiny_model
 
 
 @pytest.mark.parametrize("partition", [2, 3])
@@ -67,7 +58,7 @@ def test_first_conv_and_classifier_options():
 
 
 def test_pruned_weights_stay_exactly_zero_after_tuning_with_momentum_and_weight_decay(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", members=2, keep=0.5, weight_decay=5e-3, max_lr=0.2)
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, keep=0.5, weight_decay=5e-3, max_lr=0.2)
     ens, config = read(tmp_path / "a")
     parent = tiny_model("test_resnet")  # the fixture's parent (seed 0)
     cfg = make_config(SparseConfig, {**config["method"]["config"]})
@@ -101,7 +92,9 @@ def test_a_sampled_mask_never_reaches_the_stored_weights():
 
 
 def test_annealed_children_end_exactly_pruned(tmp_path, resnet_dir, image_data):
-    _boost(resnet_dir, image_data, tmp_path / "a", members=2, keep=0.5, anneal="temperature", tau0=0.9, anneal_epochs=0.4)
+    run_boost(
+        resnet_dir, "sparse", image_data, tmp_path / "a", members=2, keep=0.5, anneal="temperature", tau0=0.9, anneal_epochs=0.4
+    )
     ens, config = read(tmp_path / "a")
     parent = tiny_model("test_resnet")
     cfg = make_config(SparseConfig, dict(config["method"]["config"]))
@@ -134,7 +127,7 @@ def test_annealing_probabilities_reach_the_mask():
 
 def test_same_seed_gives_bit_identical_artifact(tmp_path, resnet_dir, image_data):
     for d, seed in (("a", 5), ("b", 5), ("c", 6)):
-        _boost(resnet_dir, image_data, tmp_path / d, members=2, keep=0.5, seed=seed, bootstrap=True)
+        run_boost(resnet_dir, "sparse", image_data, tmp_path / d, members=2, keep=0.5, seed=seed, bootstrap=True)
     assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
 
@@ -154,13 +147,13 @@ def test_tuning_never_reads_report_images(tmp_path, monkeypatch, resnet_dir, ima
         return original(self, index)
 
     monkeypatch.setattr(ImageSet, "__getitem__", spy)
-    _boost(resnet_dir, image_data, tmp_path / "a", members=2)
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2)
     val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
     assert val_seen and not (val_seen & report)
 
 
 def test_keep_one_prunes_nothing_and_children_still_differ(tmp_path, resnet_dir, image_data):
-    summary = _boost(resnet_dir, image_data, tmp_path / "a", members=3, keep=1.0, include_parent=True)
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=3, keep=1.0, include_parent=True)
     assert summary["members"] == 3 and summary["notes"]["masks"]["tensors"] == 0 and summary["notes"]["masks"]["partition"] == 1
     ens, config = read(tmp_path / "a")
     assert ens.member_names == ["parent", "child-0", "child-1"] and config["method"]["include_parent"]
@@ -174,7 +167,7 @@ def test_keep_one_prunes_nothing_and_children_still_differ(tmp_path, resnet_dir,
 
 
 def test_coupled_children(tmp_path, resnet_dir, image_data):
-    summary = _boost(resnet_dir, image_data, tmp_path / "a", members=2, couple=True, coupling_epochs=1)
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, couple=True, coupling_epochs=1)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["combine"]["rule"] == "coupling" and summary["members"] == 2
     assert "coupling" in config["method"]["measured"] and config["method"]["measured"]["budget_parent_epochs"] == 1.0
@@ -185,10 +178,10 @@ def test_coupled_children(tmp_path, resnet_dir, image_data):
     [
         (["--keep", "0.4", "--partition", "2"], "--keep must be 0.5"),
         (["--keep", "1.0", "--anneal", "temperature"], "--keep 1.0 prunes none"),
-        (["--keep", "0"], "--keep must be > 0"),
+        (["--keep", "0"], "--keep must be more than 0"),
         (["--members", "1", "--include-parent"], "leaves no child"),
         (["--mask-source", "l1", "--partition", "2"], "cannot be partitioned"),
-        (["--schedule", "cyclic"], "'cyclic' is not one of 'onecycle', 'constant'"),
+        (["--schedule", "cyclic"], "must be one of onecycle, constant, got 'cyclic'"),
     ],
 )
 def test_cli_flag_errors(tmp_path, capsys, resnet_dir, image_data, flags, message):
@@ -209,9 +202,7 @@ def test_budget_is_printed_before_training(tmp_path, capsys, resnet_dir, image_d
             str(image_data),
             "--out",
             str(tmp_path / "a"),
-            "--workers",
-            "0",
-            "--no-progress",
+            *QUIET,
             "--members",
             "2",
             "--no-include-parent",
@@ -240,7 +231,7 @@ def test_defaults_are_dense_children_with_the_parent_and_pruning_options_imply_h
 
 def test_pruned_children_and_the_parent_make_one_group(tmp_path, resnet_dir, image_data):
     """Children whose masks were removed list their weights in another order than the parent."""
-    summary = _boost(resnet_dir, image_data, tmp_path / "a", members=3, keep=0.5, include_parent=True)
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=3, keep=0.5, include_parent=True)
     ens, _ = read(tmp_path / "a")
     assert summary["members"] == 3 and ens.member_names[0] == "parent" and len(ens.groups) == 1
 
@@ -251,5 +242,5 @@ def test_unknown_option_for_sparse():
 
 
 def test_children_train_under_bfloat16_autocast_on_cpu(tmp_path, resnet_dir, image_data):
-    summary = _boost(resnet_dir, image_data, tmp_path / "a", members=2, amp=True)
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, amp=True)
     assert summary["members"] == 2 and all(c["steps"] > 0 for c in summary["notes"]["children"].values())

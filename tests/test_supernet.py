@@ -12,30 +12,25 @@ import torch
 import posthoc
 from posthoc import PosthocError
 from posthoc.artifact import read
-from posthoc.boost import boost
 from posthoc.cli import main
 from posthoc.data import ImageSet
 from posthoc.graph import Cut
+from posthoc.methods._coupling import coupling_init
 from posthoc.methods._layerwise import Retrainer
-from posthoc.methods.supernet import coupling_init
 from posthoc.metrics import fit_temperature
 from posthoc.timm_io import last_layers as layer_units
 
-from .helpers import assert_same_artifact, save_hub_layout, tiny_model
+from .helpers import QUIET, TINY, assert_same_artifact, run_boost, save_hub_layout, tiny_model
 
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-FAST = dict(epochs_per_layer=2, batch_size=16)  # both methods
-FAST_SN = dict(FAST, coupling_epochs=2)  # supernet
+FAST = TINY["lastlayer"]  # both methods
+FAST_SN = TINY["supernet"]
 
 
 @pytest.fixture(scope="module")
 def parent_dirs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("parents")
     return [save_hub_layout(tiny_model("test_resnet", seed=s), root / f"p{s}") for s in range(3)]
-
-
-def _boost(specs, method, image_data, out, **kw):
-    return boost([str(s) for s in specs], method, image_data, out, workers=0, show_progress=False, log=lambda m: None, **kw)
 
 
 def _logits(models, x=X):
@@ -57,7 +52,7 @@ def test_coupling_init_with_divisor_k_is_exactly_logit_averaging():
 
 
 def test_untrained_supernet_artifact_equals_logit_mean_of_parents(tmp_path, parent_dirs, image_data):
-    summary = _boost(parent_dirs, "supernet", image_data, tmp_path / "sn", coupling_epochs=0, temperature_scaling=False)
+    summary = run_boost(parent_dirs, "supernet", image_data, tmp_path / "sn", coupling_epochs=0, temperature_scaling=False)
     assert summary["members"] == 3
     loaded = posthoc.load(tmp_path / "sn")
     parents = [posthoc.load_model(str(d)) for d in parent_dirs]
@@ -72,7 +67,7 @@ def test_untrained_supernet_artifact_equals_logit_mean_of_parents(tmp_path, pare
 def test_coupling_columns_follow_member_order_across_architectures(tmp_path, parent_dirs, image_data):
     eff = save_hub_layout(tiny_model("test_efficientnet", seed=5), tmp_path / "eff")
     specs = [parent_dirs[0], eff, parent_dirs[1]]  # the artifact groups members by architecture: p0, p1, eff
-    _boost(specs, "supernet", image_data, tmp_path / "sn", coupling_epochs=0, temperature_scaling=False)
+    run_boost(specs, "supernet", image_data, tmp_path / "sn", coupling_epochs=0, temperature_scaling=False)
     ens, _ = read(tmp_path / "sn")
     assert ens.member_names == ["p0", "p1", "eff"]
     parents = [posthoc.load_model(str(d)) for d in specs]
@@ -81,7 +76,7 @@ def test_coupling_columns_follow_member_order_across_architectures(tmp_path, par
 
 
 def test_trained_coupling_is_kept_only_if_it_improves_select_nll(tmp_path, parent_dirs, image_data):
-    _boost(parent_dirs[:2], "supernet", image_data, tmp_path / "sn", coupling_epochs=4, batch_size=16, coupling_lr=0.01)
+    run_boost(parent_dirs[:2], "supernet", image_data, tmp_path / "sn", coupling_epochs=4, batch_size=16, coupling_lr=0.01)
     cfg = json.loads((tmp_path / "sn" / "config.json").read_text())
     measured = cfg["method"]["measured"]
     history = measured["coupling"]["select"]
@@ -97,9 +92,9 @@ def test_trained_coupling_is_kept_only_if_it_improves_select_nll(tmp_path, paren
 
 
 # ------------------------------------------------------------------------------------ frozen parts
-@pytest.mark.parametrize("bn", ["eval", "train"])
-def test_frozen_parts_stay_frozen(tmp_path, parent_dirs, image_data, bn):
-    _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "ll", last_layers=2, bn=bn, **FAST)
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_frozen_parts_stay_frozen(tmp_path, parent_dirs, image_data, train_bn):
+    run_boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "ll", last_layers=2, train_bn=train_bn, **FAST)
     ens, _ = read(tmp_path / "ll")
     before = posthoc.load_model(str(parent_dirs[0])).state_dict()
     after = ens.members()[0].state_dict()
@@ -111,11 +106,11 @@ def test_frozen_parts_stay_frozen(tmp_path, parent_dirs, image_data, bn):
     assert frozen and not changed & set(frozen)  # stem, layer1-3: bitwise identical, BN statistics included
     assert "fc.weight" in changed and any(n.startswith("layer4.") and n in retrained for n in changed)
     stats = {n for n in changed if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-    assert bool(stats) == (bn == "train")  # eval-mode BN in the retrained block keeps its statistics
+    assert bool(stats) == train_bn  # eval-mode BN in the retrained block keeps its statistics
 
 
 def test_copies_of_one_parent_share_the_trunk_and_differ_in_retrained_layers(tmp_path, parent_dirs, image_data):
-    _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "sn", copies=3, bootstrap=True, **FAST_SN)
+    run_boost(parent_dirs[:1], "supernet", image_data, tmp_path / "sn", copies=3, bootstrap=True, **FAST_SN)
     ens, _cfg = read(tmp_path / "sn")
     group = ens.groups[0]
     assert group.member_names == ["p0/0", "p0/1", "p0/2"]
@@ -131,15 +126,15 @@ def test_copies_of_one_parent_share_the_trunk_and_differ_in_retrained_layers(tmp
 @pytest.mark.parametrize("layers", [1, 2])
 def test_feature_cache_trains_the_same_layers_as_streaming(tmp_path, parent_dirs, image_data, layers):
     common = dict(last_layers=layers, seed=3, cache_augment="none", augment="none", **FAST)
-    _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "cached", feature_cache=True, **common)
-    _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "streamed", feature_cache=False, **common)
+    run_boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "cached", feature_cache=True, **common)
+    run_boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "streamed", feature_cache=False, **common)
     cached, streamed = (read(tmp_path / d)[0].members()[0].state_dict() for d in ("cached", "streamed"))
     parent = posthoc.load_model(str(parent_dirs[0])).state_dict()
     assert not torch.equal(cached["fc.weight"], parent["fc.weight"])
     for name in cached:
         assert torch.allclose(cached[name].float(), streamed[name].float(), atol=1e-4, rtol=1e-4), name
     # another seed (another data order) trains a visibly different head: the comparison can fail
-    _boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "other", feature_cache=True, **{**common, "seed": 4})
+    run_boost(parent_dirs[:1], "lastlayer", image_data, tmp_path / "other", feature_cache=True, **{**common, "seed": 4})
     other = read(tmp_path / "other")[0].members()[0].state_dict()
     assert not torch.allclose(cached["fc.weight"], other["fc.weight"], atol=1e-4, rtol=1e-4)
 
@@ -180,8 +175,8 @@ def test_fit_temperature_recovers_a_known_temperature():
 # ------------------------------------------------------------------------------------ hygiene, CLI
 def test_same_seed_gives_bit_identical_artifact(tmp_path, parent_dirs, image_data):
     kw = dict(copies=2, **FAST_SN)
-    _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "a", seed=5, **kw)
-    _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "b", seed=5, **kw)
+    run_boost(parent_dirs[:1], "supernet", image_data, tmp_path / "a", seed=5, **kw)
+    run_boost(parent_dirs[:1], "supernet", image_data, tmp_path / "b", seed=5, **kw)
     assert_same_artifact(tmp_path / "a", tmp_path / "b")
 
 
@@ -200,7 +195,7 @@ def test_training_never_reads_report_images(tmp_path, monkeypatch, parent_dirs, 
         return original(self, index)
 
     monkeypatch.setattr(ImageSet, "__getitem__", spy)
-    _boost(parent_dirs[:1], "supernet", image_data, tmp_path / "a", copies=2, **FAST_SN)
+    run_boost(parent_dirs[:1], "supernet", image_data, tmp_path / "a", copies=2, **FAST_SN)
     val_seen = {p.name + p.parent.name for p in seen if p.parent.parent.name == "val"}
     assert val_seen and not (val_seen & report)
 
@@ -217,9 +212,7 @@ def test_cli_supernet_from_several_checkpoints(tmp_path, capsys, parent_dirs, im
             str(image_data),
             "--out",
             str(out),
-            "--workers",
-            "0",
-            "--no-progress",
+            *QUIET,
             "--coupling-divisor",
             "4",
             "--l2",
@@ -244,12 +237,13 @@ def test_cli_supernet_from_several_checkpoints(tmp_path, capsys, parent_dirs, im
         ("supernet", ["--copies", "3", "--last-layers", "1"], "use --last-layers 2 or more"),
         ("supernet", ["--last-layers", "1"], "or --copies 1"),
         ("supernet", ["--retrain-layers", "1"], "--retrain-layers is deprecated"),
-        ("supernet", ["--coupling-optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam'"),
-        ("supernet", ["--coupling-divisor", "0"], "--coupling-divisor must be > 0"),
+        ("supernet", ["--coupling-optimizer", "rmsprop"], "must be one of sgd, adam, got 'rmsprop'"),
+        ("supernet", ["--coupling-divisor", "0"], "--coupling-divisor must be more than 0"),
         ("supernet", ["--scale", "0"], "--scale is deprecated and goes away in the next release; use --coupling-divisor"),
-        ("lastlayer", ["--last-layers", "0"], "--last-layers must be >= 1"),
+        ("lastlayer", ["--last-layers", "0"], "--last-layers must be at least 1"),
         ("lastlayer", ["--last-layers", "9"], "--last-layers 9 is more than this model has"),
-        ("lastlayer", ["--bn", "frozen"], "'frozen' is not one of 'eval', 'train'"),
+        ("lastlayer", ["--train-bn", "yes"], "looks like a value for an on/off option"),
+        ("lastlayer", ["--bn", "train", "--last-layers", "0"], "--last-layers must be at least 1"),
         ("lastlayer", ["--no-feature-cache", "--bootstrap"], "--bootstrap needs the feature cache"),
     ],
 )
@@ -264,9 +258,7 @@ def test_cli_flag_errors(tmp_path, capsys, parent_dirs, image_data, method, flag
             str(image_data),
             "--out",
             str(tmp_path / "x"),
-            "--workers",
-            "0",
-            "--no-progress",
+            *QUIET,
             *flags,
         ]
     )
@@ -277,4 +269,4 @@ def test_cli_flag_errors(tmp_path, capsys, parent_dirs, image_data, method, flag
 
 def test_lastlayer_takes_one_parent(tmp_path, parent_dirs, image_data):
     with pytest.raises(PosthocError, match="takes 1 model"):
-        _boost(parent_dirs[:2], "lastlayer", image_data, tmp_path / "x")
+        run_boost(parent_dirs[:2], "lastlayer", image_data, tmp_path / "x")

@@ -7,8 +7,8 @@ select part. Choices where the thesis is silent:
 - **Layers** are timm's parameter groups (:func:`posthoc.timm_io.last_layers`): layer 1 is the
   classifier, layer 2 the last block, and so on; the stem is never retrained.
 - **BatchNorm** outside the trained layer runs in eval mode (the thesis does not say; Keras freezes
-  it); inside it stays in eval mode too by default (``--bn eval``: affine parameters train, statistics
-  do not move), or uses batch statistics (``--bn train``).
+  it); inside it stays in eval mode too by default (affine parameters train, statistics do not move), or
+  uses batch statistics with ``--train-bn``.
 - **Feature cache**: the frozen part before the earliest retrained layer runs once over the training
   and select images (un-augmented by default, ``--cache-augment light`` for one fixed random view) and
   every epoch trains on the cached activations; ``--no-feature-cache`` re-runs it on freshly augmented
@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..graph import Cut, FeaturesAndLogits
+from ..options import Renamed, option
 from ..runtime import seeded_generator
 from ..timm_io import last_layers
 from ..training import CachedData, batches_of, cache_outputs, epoch_order, run_cached, train_epochs
-from .base import BoostContext, MethodConfig, Renamed, Stopwatch, option
+from .base import BoostContext, MethodConfig, Stopwatch
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -37,7 +38,10 @@ OPTIMIZERS = ("sgd", "adam")
 class RetrainConfig(MethodConfig):
     """Options of last-layers retraining (shared by ``lastlayer`` and ``supernet``)."""
 
-    renamed: ClassVar[dict[str, Renamed]] = {"retrain_layers": Renamed("last_layers")}
+    renamed: ClassVar[dict[str, Renamed]] = {
+        "retrain_layers": Renamed("last_layers"),
+        "bn": Renamed("train_bn", lambda mode: mode == "train", "train is --train-bn, eval is the default", kind=str),
+    }
 
     last_layers: int | None = option(
         2, "Layers retrained one at a time, last first: 1 = the classifier, 2 = also the last block, ...", ge=0
@@ -49,10 +53,8 @@ class RetrainConfig(MethodConfig):
     lr: float = option(0.003, "Learning rate of the layer stages (cosine-annealed over each stage).", gt=0)
     weight_decay: float = option(0.0, "Weight decay of the layer stages (decoupled for adam).", ge=0)
     batch_size: int = option(128, "Training batch size.", ge=1)
-    bn: str = option(
-        "eval",
-        "BatchNorm inside the retrained block: eval (statistics frozen) or train (batch statistics, momentum update).",
-        choices=("eval", "train"),
+    train_bn: bool = option(
+        False, "Let BatchNorm inside the retrained layer use batch statistics (momentum update) instead of frozen ones."
     )
     bootstrap: bool | None = option(False, "Train each member on a bootstrap sample of the training images (with replacement).")
     feature_cache: bool = option(
@@ -205,7 +207,7 @@ def retrain(
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             steps_per_epoch=len(batches_of(indices, cfg.batch_size)),
-            train_modules=bn_modules if cfg.bn == "train" else [],
+            train_modules=bn_modules if cfg.train_bn else [],
             select_by=cfg.select_by,
             calibrated=calibrated,
             amp=amp,

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from .. import distributed
 from ..ensemble import Combine, Ensemble
 from ..metrics import scores
+from ..options import option
 from ..sources import member_name
-from . import register
 from ._layerwise import RetrainConfig, Retrainer, cache_megabytes, retrain, select_data, training_data
-from .base import BoostContext, Method, Stopwatch, option
+from .base import BoostContext, Method, Stopwatch
+from .registry import register
 
 
 @dataclass

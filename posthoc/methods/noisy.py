@@ -29,21 +29,24 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import distributed
-from ..cost import widest_fit
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
 from ..graph import FeaturesAndLogits, split_shared_prefix
+from ..options import Renamed, option
 from ..runtime import progress, seeded_generator
 from ..timm_io import last_layers, timm_config
 from ..training import ImageBatches, has_batchnorm, materialize, recalibrate_bn
-from . import register
-from .base import BoostContext, Method, MethodConfig, Renamed, option
+from .base import BoostContext, Method, MethodConfig
+from .registry import register
 
 
 @dataclass
 class NoisyConfig(MethodConfig):
     renamed: ClassVar[dict[str, Renamed]] = {
-        "scope": Renamed("last_layers", lambda v: None if v is None else v + 1, "the classifier counts as layer 1")
+        "scope": Renamed("last_layers", lambda v: None if v is None else v + 1, "the classifier counts as layer 1"),
+        "bn_recalibrate": Renamed(
+            "bn_batches", lambda on: None if on else 0, "0 keeps the parent's statistics in every child", kind=bool
+        ),
     }
 
     members: int = option(
@@ -70,8 +73,11 @@ class NoisyConfig(MethodConfig):
     last_layers: int | None = option(
         None, "Mutate only the last N layers: 1 = the classifier, 2 = also the last block, ... (default: all).", ge=1
     )
-    bn_recalibrate: bool = option(True, "Re-estimate BatchNorm statistics of each child on training images.")
-    bn_batches: int = option(32, "Training batches (of 128) for --bn-recalibrate.", ge=1)
+    bn_batches: int = option(
+        32,
+        "Training batches (of 128, eval transform) re-estimating each child's BatchNorm; 0 keeps the parent's statistics.",
+        ge=0,
+    )
 
     @property
     def children(self) -> int:
@@ -277,17 +283,13 @@ class Noisy(Method):
     def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
         """The widest mutated part (``--last-layers``) at which at least 4 members fit, with as many
         members (up to ``--members``) as fit; an explicit ``--last-layers`` or ``--members`` is kept."""
-        cfg: NoisyConfig = self.config
-        if {"members", "last_layers"} <= given:
+        fit = self.fit_width_and_members(parents, budget, given)
+        if fit is None:
             return [f"--members and --last-layers were given: they override --inference-budget {budget:g}"]
-        layers_options = [cfg.last_layers] if "last_layers" in given else None
-        minimum = cfg.members if "members" in given else 4
-        layers, members = widest_fit(parents[0], budget, cfg.members, minimum, layers_options)
-        if "members" in given:
-            members = cfg.members
-        self.configure(last_layers=layers, members=max(members, int(cfg.include_parent) + 1))
+        layers, members = fit
+        self.configure(last_layers=layers, members=members)
         where = "every layer" if layers is None else f"the last {layers} layer(s)"
-        return [f"--inference-budget {budget:g}: noisy mutates {where} with {self.config.members} members"]
+        return [f"--inference-budget {budget:g}: noisy mutates {where} with {members} members"]
 
     def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: NoisyConfig = self.config
@@ -321,7 +323,7 @@ class Noisy(Method):
         ctx.log(f"noise scale sigma={sigma:.4g} gives mean KL(parent||child)={kl:.4f} on {kl_n} images")
 
         bn_loader = None
-        if cfg.bn_recalibrate and has_batchnorm(parent):
+        if cfg.bn_batches and has_batchnorm(parent):
             bn_loader = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
 
         def score(spec: Child) -> tuple:  # depends on the child alone: any process scores it the same

@@ -32,11 +32,12 @@ from torch import nn
 from .. import distributed
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
+from ..options import Renamed, option
 from ..runtime import progress, seeded_generator
 from ..timm_io import timm_config
 from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, train_steps
-from . import register
-from .base import BoostContext, Method, MethodConfig, Renamed, Stopwatch, option
+from .base import BoostContext, Method, MethodConfig, Stopwatch
+from .registry import register
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STATS_FORMAT = "posthoc-welford"

@@ -46,17 +46,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import distributed
-from ..cost import widest_fit
 from ..ensemble import Combine, Ensemble, MemberGroup
 from ..errors import PosthocError
 from ..graph import FeaturesAndLogits
 from ..metrics import mean_disagreement, scores
+from ..options import option
 from ..runtime import derive_seed, seeded_generator
 from ..timm_io import last_layers, timm_config
 from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, sgd_with_schedule, train_steps
-from . import register
-from .base import BoostContext, Method, Stopwatch, option
-from .supernet import CouplingConfig, couple
+from ._coupling import CouplingConfig, couple
+from .base import BoostContext, Method, Stopwatch
+from .registry import register
 
 
 @dataclass
@@ -388,17 +388,15 @@ class Sparse(Method):
     def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
         """Children are full networks unless ``--last-layers`` confines them to the last layers (the rest
         shared): the widest part at which at least 4 members fit, with as many members as fit."""
-        cfg: SparseConfig = self.config
-        if {"members", "last_layers"} <= given:
+        fit = self.fit_width_and_members(parents, budget, given)
+        if fit is None:
             return [f"--members and --last-layers were given: they override --inference-budget {budget:g}"]
-        options = [cfg.last_layers] if "last_layers" in given else None
-        minimum = cfg.members if "members" in given else 4
-        layers, members = widest_fit(parents[0], budget, cfg.members, minimum, options)
-        members = cfg.members if "members" in given else max(members, int(cfg.include_parent) + 1)
+        layers, members = fit
+        cfg: SparseConfig = self.config
         fewer_than_siblings = members - int(cfg.include_parent) < cfg.siblings and "partition" not in given
         self.configure(last_layers=layers, members=members, **({"partition": 1} if fewer_than_siblings else {}))
         where = "every layer" if layers is None else f"the last {layers} layer(s), the rest shared"
-        return [f"--inference-budget {budget:g}: sparse tunes {where} in {self.config.members} members"]
+        return [f"--inference-budget {budget:g}: sparse tunes {where} in {members} members"]
 
     def build(self, ctx: BoostContext) -> Ensemble | None:
         cfg: SparseConfig = self.config

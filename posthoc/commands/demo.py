@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import PosthocError
+from ..errors import PosthocError
 
 DIGITS_CFG = dict(
     input_size=(3, 32, 32),
@@ -55,8 +55,8 @@ def train_parent(data: Path, out: Path, epochs: int = 20, seed: int = 0, show_pr
     import timm
     from timm.models import save_for_hf
 
-    from .data import make_loader, open_split, resolve_data_config, train_transform
-    from .training import cycle, sgd_with_schedule, train_steps
+    from ..data import make_loader, open_split, resolve_data_config, train_transform
+    from ..training import cycle, sgd_with_schedule, train_steps
 
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=10, pretrained_cfg_overlay=dict(DIGITS_CFG))
@@ -102,11 +102,11 @@ def run_demo(
     The default method and parent were chosen on the digits' select part (``benchmarks/demo_sweep.py``):
     a parent trained for a few seconds, and ``resample``'s mean model, which beat it on held-out NLL for
     every seed at one network's inference cost."""
+    from ..data import eval_transform, make_loader, open_split, resolve_data_config
+    from ..evaluate import evaluate
+    from ..methods import get_method
+    from ..sources import load_artifact, load_model
     from .boost import boost
-    from .data import eval_transform, make_loader, open_split, resolve_data_config
-    from .evaluate import evaluate
-    from .methods import get_method
-    from .sources import load_artifact, load_model
 
     get_method(method)  # an unknown name fails before any work
     out = Path(out)
@@ -126,7 +126,7 @@ def run_demo(
         artifact,
         overwrite=True,
         workers=0,
-        show_progress=show_progress,
+        progress=show_progress,
         log=log,
         warn=warn,
         command=f"posthoc demo --method {method} --seed {seed}",

@@ -1,0 +1,209 @@
+"""Every command's declared options: its own option set and the shared groups it takes (:mod:`posthoc.options`).
+
+Kept apart from the commands so that the command line can build every command's flags (and ``posthoc
+--help`` can start) without importing torch; each command's Python function splits its keyword arguments
+with the same declaration (:meth:`~posthoc.options.CommandOptions.split`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import PosthocError
+from .options import (
+    REQUIRED,
+    CommandOptions,
+    DataOptions,
+    LoaderOptions,
+    ModelOptions,
+    Options,
+    OutputOptions,
+    PreprocessingOptions,
+    Renamed,
+    option,
+)
+
+STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCHEDULES = ("onecycle", "cosine", "constant")
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+RESULT_SUFFIXES = (".json", ".csv")
+
+
+# ---------------------------------------------------------------------------------------- boost
+@dataclass
+class BoostOptions(Options):
+    """What boost does besides the method."""
+
+    panel: ClassVar[str] = "Boost"
+
+    renamed: ClassVar[dict[str, Renamed]] = {"dtype": Renamed("storage_dtype")}
+
+    temperature_scaling: bool = option(True, "Fit one temperature on the select part as the last step (stored in the artifact).")
+    inference_budget: float | None = option(
+        None,
+        "Most forward FLOPs per image the artifact may cost, in parent forward passes (e.g. 1.5); the method chooses its "
+        "members and their shared part to fit. Options given explicitly override it.",
+        ge=1,
+        metavar="X",
+    )
+    distill: bool = option(
+        False, "Distil the artifact into one network as the last step (written to --out; the ensemble to OUT-teacher)."
+    )
+    distill_epochs: float = option(1.0, "Epochs of distillation with --distill.", gt=0, metavar="EPOCHS")
+    storage_dtype: str = option(
+        "auto", "Dtype of the stored weights: auto (the parent checkpoint's), float32, float16, bfloat16.", choices=STORAGE_DTYPES
+    )
+    amp: bool = option(False, "Mixed precision in training loops (float16 + grad scaler on CUDA, bfloat16 on CPU).")
+
+
+BOOST = CommandOptions(
+    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions, BoostOptions),
+    exclude=frozenset({"batch_size"}),  # a method option where the method trains
+)
+
+
+# ------------------------------------------------------------------------------------- ensemble
+@dataclass
+class EnsembleOptions(Options):
+    """How the members are combined and stored."""
+
+    panel: ClassVar[str] = "Ensemble"
+
+    renamed: ClassVar[dict[str, Renamed]] = {"dtype": Renamed("storage_dtype")}
+
+    combine: str = option("prob_mean", "prob_mean, logit_mean or vote.", choices=("prob_mean", "logit_mean", "vote", "coupling"))
+    storage_dtype: str = option(
+        "auto", "Dtype of the stored weights: auto (the checkpoints'), float32, float16, bfloat16.", choices=STORAGE_DTYPES
+    )
+
+
+ENSEMBLE = CommandOptions(
+    groups=(EnsembleOptions, ModelOptions, OutputOptions),
+    exclude=frozenset({"num_classes", "progress"}),
+    defaults=(("out", REQUIRED),),
+)
+
+
+# ----------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalOptions(Options):
+    """What to score and how."""
+
+    panel: ClassVar[str] = "Evaluation"
+
+    renamed: ClassVar[dict[str, Renamed]] = {"dtype": Renamed("model_dtype")}
+
+    split: str = option("val", "Split folder, optionally with a part: val, val:select, val:report.", metavar="SPLIT")
+    model_list: Path | None = option(None, "A file of model specs, one per line, # comments.", metavar="FILE")
+    model_dtype: str = option("float32", "Inference dtype of the model (timm's --model-dtype).", choices=MODEL_DTYPES)
+    amp: bool = option(False, "Mixed precision (float16 on CUDA, bfloat16 on CPU).")
+    channels_last: bool | None = option(None, "Channels-last inputs and weights (default: on CUDA).")
+    compile: bool = option(False, "torch.compile the model before evaluating.")
+    results_file: Path | None = option(None, "Write a row per model to .json or .csv, as each finishes.", metavar="FILE")
+    sort: str | None = option(None, "Sort the rows by this field, descending (e.g. top1).", metavar="FIELD")
+    valid_labels: Path | None = option(
+        None, "The model's class indices the data's classes are, one per line (ImageNet-A/R).", metavar="FILE"
+    )
+    real_labels: Path | None = option(
+        None, "ImageNet-ReaL real.json: top-1/top-5 count any label of an image's set.", metavar="FILE"
+    )
+
+    def validate(self) -> None:
+        if self.results_file is not None and Path(self.results_file).suffix.lower() not in RESULT_SUFFIXES:
+            raise PosthocError(f"--results-file must end in {' or '.join(RESULT_SUFFIXES)}, got '{Path(self.results_file).name}'")
+        for flag, path in (("--valid-labels", self.valid_labels), ("--real-labels", self.real_labels)):
+            if path is not None and not Path(path).is_file():
+                raise PosthocError(f"{flag} file {path} does not exist; check the path")
+        if self.valid_labels is not None and self.real_labels is not None:
+            raise PosthocError(
+                "--real-labels index the model's full label space and --valid-labels a subset of it; give one of them"
+            )
+
+
+EVAL = CommandOptions(
+    groups=(EvalOptions, ModelOptions, DataOptions, PreprocessingOptions, LoaderOptions, OutputOptions),
+    exclude=frozenset({"train_split", "val_split", "out", "overwrite"}),
+)
+
+
+# ------------------------------------------------------------------------------------ calibrate
+CALIBRATE = CommandOptions(
+    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions),
+    exclude=frozenset({"train_split", "num_classes", "batch_size", "progress"}),
+    defaults=(("out", REQUIRED),),
+)
+
+
+# -------------------------------------------------------------------------------------- distill
+@dataclass
+class DistillConfig(Options):
+    """How the student learns (``posthoc distill``'s options; ``boost --distill`` uses the same)."""
+
+    panel: ClassVar[str] = "Distillation"
+
+    epochs: float = option(1.0, "Epochs over the training split (fractions allowed).", gt=0, metavar="EPOCHS")
+    temperature: float = option(4.0, "Softening temperature of teacher and student.", gt=0, metavar="T")
+    alpha: float | None = option(None, "Weight of the distillation term (default 0.9; 1.0 with --consensus).", ge=0, metavar="A")
+    consensus: bool = option(False, "Collaborative loss: cross-entropy + alpha x symmetric CE to the ensemble.")
+    cache_teacher: bool = option(False, "One teacher pass over a fixed augmented view of every image.")
+    mixup: float = option(
+        0.0, "Beta(A, A) mixup of each batch, the teacher scoring the mixed images (0: off).", ge=0, metavar="A"
+    )
+    schedule: str = option("onecycle", "Learning rate schedule: onecycle, cosine or constant.", choices=SCHEDULES)
+    max_lr: float = option(0.02, "Peak SGD learning rate.", gt=0, metavar="LR")
+    weight_decay: float = option(5e-4, "SGD weight decay.", ge=0, metavar="WD")
+    batch_size: int = option(128, "Training batch size.", ge=1, short="-b", metavar="N")
+    augment: str = option(
+        "light", "Training augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
+    )
+    seed: int = option(0, "Random seed; the same seed gives the same student.")
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = 1.0 if self.consensus else 0.9
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not self.consensus and self.alpha > 1:
+            raise PosthocError(f"--alpha must be in [0, 1] for distillation (any >= 0 with --consensus), got {self.alpha}")
+        if self.mixup and self.cache_teacher:
+            raise PosthocError("--mixup shows the teacher new mixed images every step; drop --cache-teacher")
+
+
+@dataclass
+class StudentOptions(Options):
+    """Which network learns, and its last step."""
+
+    panel: ClassVar[str] = "Student"
+
+    student: str | None = option(None, "Model to train (default: the artifact's parent).", metavar="SPEC")
+    temperature_scaling: bool = option(True, "Calibrate the student on the select part.")
+
+
+DISTILL = CommandOptions(
+    groups=(DistillConfig, StudentOptions, DataOptions, LoaderOptions, OutputOptions),
+    exclude=frozenset({"LoaderOptions.batch_size"}),
+    defaults=(("out", REQUIRED),),
+)
+
+
+# ----------------------------------------------------------------------------------------- push
+@dataclass
+class PushOptions(Options):
+    """Where the artifact goes on the Hub."""
+
+    panel: ClassVar[str] = "Hub"
+
+    renamed: ClassVar[dict[str, Renamed]] = {"m": Renamed("message", spelling="-m")}
+
+    repo: str = option(REQUIRED, "Hub model repository, org/name (created if absent).", metavar="ORG/NAME")
+    private: bool | None = option(None, "Make a new repository private (default: public).")
+    revision: str | None = option(None, "Branch to commit to (created if absent).", metavar="BRANCH")
+    create_pr: bool = option(False, "Open a pull request instead of committing.")
+    message: str | None = option(None, "Commit message.", metavar="TEXT")
+    token: str | None = option(None, "Hub token (default: hf auth login / HF_TOKEN).", metavar="TOKEN")
+
+
+PUSH = CommandOptions(groups=(PushOptions,))

@@ -1,0 +1,242 @@
+"""The one preparation every command makes before its own work.
+
+:func:`prepare` does, in this order: check the outputs (before any compute, so an hour of work is never
+lost to a bad ``--out``), pick the device, load the models, resolve the preprocessing (the model's own,
+timm's ``resolve_data_config``, with overrides), cut the select part (inheriting the select size an
+artifact recorded, :func:`inherited_select_size`), open the splits and check the label space
+(:func:`posthoc.labels.check_label_space`: models against each other and against the data). It returns a
+:class:`Run` that makes the loaders every command and method uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import data as data_mod
+from .artifact import check_output
+from .labels import check_data_classes, check_label_space
+from .options import DataOptions, LoaderOptions, PreprocessingOptions
+from .paths import ensure_writable
+from .runtime import resolve_device
+
+SELECT, TRAIN = "select", "train"  # the parts a training command opens; any other name is a split spec
+
+
+@dataclass(frozen=True)
+class Output:
+    """A place a command writes: an artifact directory (replaced whole, only with ``--overwrite``) or a file."""
+
+    path: Path
+    what: str = "artifact directory"
+
+    @property
+    def is_artifact(self) -> bool:
+        return self.what == "artifact directory"
+
+
+def check_outputs(outputs: Sequence[Output], overwrite: bool = False) -> None:
+    """Every output writable (and an existing artifact directory replaceable), before any work."""
+    for out in outputs:
+        if out.is_artifact:
+            check_output(out.path, overwrite)
+        else:
+            ensure_writable(out.path, out.what)
+
+
+def recorded_data(model: nn.Module) -> dict[str, Any]:
+    """What an artifact recorded of the data it was tuned on (``{}`` for a checkpoint)."""
+    return dict((getattr(model, "posthoc_config", None) or {}).get("data") or {})
+
+
+def inherited_select_size(
+    record: dict[str, Any], part: data_mod.SplitSpec, select_size: int | None
+) -> tuple[int | None, str | None]:
+    """The select size to cut ``part`` with, and a warning when ``part`` overlaps what an artifact was tuned on.
+
+    The one rule: an artifact records the split part and select size it tuned on; a command reading the
+    same split uses that select size unless ``--select-size`` is given, so ``val:report`` holds none of
+    the tuned images. ``record`` is :func:`recorded_data` of the artifact.
+    """
+    tuned = record.get("tuned_on")
+    if not tuned:
+        return select_size, None
+    t_split, _, t_part = tuned.partition(":")
+    if t_split != part.split:
+        return select_size, None
+    recorded = record.get("select_size")
+    if select_size is None:
+        select_size = recorded
+    where = f"this artifact was tuned on '{tuned}' ({recorded} images)"
+    if part.part is None or not t_part:
+        return select_size, f"{where}, which is part of '{part}'; figures on it are optimistic. Report on '{t_split}:report'."
+    if part.part == t_part:
+        return select_size, f"{where}; figures on the same images are optimistic. Report on '{t_split}:report'."
+    if part.part == "report" and recorded is not None and select_size < recorded:
+        return select_size, (
+            f"{where}; with --select-size {select_size} '{part}' includes {recorded - select_size} of them, "
+            f"so figures are optimistic. Drop --select-size to use the recorded {recorded}."
+        )
+    return select_size, None
+
+
+@dataclass
+class Run:
+    """What :func:`prepare` built: the device, the loaded models, the preprocessing and the opened splits."""
+
+    device: torch.device
+    specs: list[str]
+    models: list[nn.Module]
+    data: DataOptions
+    data_config: dict[str, Any]
+    label_names: list[str] | None
+    select: data_mod.SplitSpec
+    select_size: int | None
+    sets: dict[str, Dataset]
+    workers: int | None = None
+    sources: dict[str, data_mod.Source] = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models[0]
+
+    def _open(self, part: str | data_mod.SplitSpec, transform, subset: int | None = None) -> Dataset:
+        spec = part if isinstance(part, data_mod.SplitSpec) else data_mod.SplitSpec.parse(part)
+        if spec.split not in self.sources:
+            given = self.data.data
+            self.sources[spec.split] = given if isinstance(given, data_mod.Source) else data_mod.open_source(given, spec.split)
+        return data_mod.open_split(
+            self.sources[spec.split],
+            spec,
+            transform,
+            label_names=self.label_names,
+            class_map=self.data.class_map,
+            select_size=self.select_size,
+            subset=subset or self.data.subset,
+            skip_bad=self.data.skip_bad_images,
+        )
+
+    def train_set(self, augment: str = "light", subset: int | None = None) -> Dataset:
+        """The training split with ``augment`` (:func:`posthoc.data.train_transform`)."""
+        return self._open(self.data.train_split, data_mod.train_transform(self.data_config, augment), subset)
+
+    def train_loader(
+        self,
+        batch_size: int = 128,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: str = "light",
+        subset: int | None = None,
+        sample: Sequence[int] | None = None,
+        shard: str | None = None,
+    ):
+        """Training images in a seeded order (see :meth:`posthoc.methods.base.BoostContext.train_loader`)."""
+        return data_mod.make_loader(
+            self.train_set(augment, subset),
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            workers=self.workers,
+            drop_last=shuffle,
+            sample=sample,
+            shard=shard,
+        )
+
+    def select_loader(self, batch_size: int = 256, *, subset: int | None = None, shard: str | None = None):
+        """The select part of the validation split, in a fixed order, eval transform."""
+        dataset = (
+            self.sets[SELECT] if subset is None else self._open(self.select, data_mod.eval_transform(self.data_config), subset)
+        )
+        return data_mod.make_loader(dataset, batch_size, workers=self.workers, shard=shard)
+
+    def loader(self, name: str, batch_size: int = 256, *, shard: str | None = None):
+        """A loader over the opened set ``name`` (a part given to :func:`prepare`), in a fixed order."""
+        return data_mod.make_loader(self.sets[name], batch_size, workers=self.workers, shard=shard)
+
+
+def prepare(
+    specs: Sequence[str],
+    data: DataOptions,
+    *,
+    load: Callable[[str], nn.Module],
+    parts: Sequence[str] = (SELECT,),
+    outputs: Sequence[Output] = (),
+    overwrite: bool = False,
+    loader: LoaderOptions | None = None,
+    preprocessing: PreprocessingOptions | None = None,
+    data_config_from: int = 0,
+    label_names: bool = True,
+    data_classes: Callable[[int], int] | None = None,
+    sources: dict[str, data_mod.Source] | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    warn: Callable[[str], None] = lambda message: None,
+) -> Run:
+    """Everything a command needs before its own work, checked in one place (see the module docstring).
+
+    Args:
+        specs: the model specs, loaded in order with ``load`` (which refuses what the command cannot take).
+        data: the data options; ``parts`` names what to open: ``"train"`` (the training split, checked and
+            counted; loaders re-open it with their augmentation), ``"select"`` (the select part of the
+            validation split) or a split spec such as ``"val:report"`` (``eval``).
+        outputs: places the command writes, checked before any model is loaded.
+        data_config_from: the model whose preprocessing the data gets (the others are fed the same images).
+        label_names: align the data's classes to the model's label names (off for ``--valid-labels``).
+        data_classes: maps the model's class count to the class count the data must have (``--valid-labels``
+            lists a subset); default: the same.
+        sources: indexed splits to reuse (several models, one scan) and fill.
+    """
+    loader = loader or LoaderOptions()
+    check_outputs(outputs, overwrite)
+    device = resolve_device(loader.device)
+    models = [load(spec).to(device) for spec in specs]
+    check_label_space(specs, models)
+    base = models[data_config_from]
+    data_config = data_mod.resolve_data_config(base, preprocessing.overrides() if preprocessing else None)
+    val = data_mod.SplitSpec.parse(data.val_split)
+    record = next((r for r in map(recorded_data, models) if r.get("tuned_on")), {})
+    select = data_mod.SplitSpec(val.split, SELECT)
+    select_size, _ = inherited_select_size(record, select, data.select_size)
+    run = Run(
+        device=device,
+        specs=list(specs),
+        models=models,
+        data=data,
+        data_config=data_config,
+        label_names=next((m.pretrained_cfg.get("label_names") for m in models if m.pretrained_cfg.get("label_names")), None)
+        if label_names
+        else None,
+        select=select,
+        select_size=select_size,
+        sets={},
+        workers=loader.workers,
+        sources=sources if sources is not None else {},
+    )
+    eval_tf = data_mod.eval_transform(data_config)
+    for part in parts:
+        if part == TRAIN:
+            run.sets[TRAIN] = run._open(data.train_split, None)
+        elif part == SELECT:
+            run.sets[SELECT] = run._open(select, eval_tf)
+        else:
+            spec = data_mod.SplitSpec.parse(part)
+            run.select_size, warning = inherited_select_size(record, spec, data.select_size)
+            if warning:
+                warn(warning)
+            run.sets[part] = run._open(spec, eval_tf)
+    expected = data_classes(base.num_classes) if data_classes else None
+    for dataset in run.sets.values():
+        classes = len(dataset.classes)
+        if expected is None:
+            check_data_classes(base.num_classes, classes)
+        else:
+            check_data_classes(expected, classes, "--valid-labels lists")
+    if TRAIN in run.sets:
+        log(f"{len(run.sets[TRAIN])} training images, {len(run.sets.get(SELECT, []))} select images of {select}")
+    return run
