@@ -166,9 +166,7 @@ def main() -> None:
                     print(f"    error: {e}", flush=True)
                     continue
                 seconds = time.perf_counter() - start
-                result = evaluate_spec(
-                    str(out), data, "val:report", device=args.device, workers=args.workers, progress=False
-                )
+                result = evaluate_spec(str(out), data, "val:report", device=args.device, workers=args.workers, progress=False)
                 module = load(out).to(device)
                 ratios = {b: round(time_ratio(module, parent, batch=b, rounds=args.time_rounds), 3) for b in batches}
                 records.append(

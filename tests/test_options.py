@@ -76,7 +76,9 @@ def test_old_dtype_spellings_map_to_the_new_names(tmp_path, capsys, resnet_dir):
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert f.get_tensor(f.keys()[0]).dtype.is_floating_point and "float16" in str(f.get_tensor("groups.0.shared.fc.bias").dtype)
+        assert f.get_tensor(f.keys()[0]).dtype.is_floating_point and "float16" in str(
+            f.get_tensor("groups.0.shared.fc.bias").dtype
+        )
 
 
 def test_short_m_is_method_only(capsys, tmp_path):
