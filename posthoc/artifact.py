@@ -276,6 +276,7 @@ def _ensemble(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
             temperature=float(combine_cfg.get("temperature", 1.0)),
             coupling_weight=tensors.pop("coupling.weight", None),
             coupling_bias=tensors.pop("coupling.bias", None),
+            views=tuple(combine_cfg.get("views") or ("identity",)),  # artifacts before views: the image alone
         )
     except (KeyError, TypeError) as e:
         raise PosthocError(f"{path}: config.json and {WEIGHTS} disagree (missing {e}); the artifact is damaged") from e

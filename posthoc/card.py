@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .ensemble import MetricKey, Provenance
+from .views import IDENTITY, describe
 
 METHOD_TEXT = {
     "ensemble": "A deep ensemble: independently obtained checkpoints of one label space, combined as they are.",
@@ -80,6 +81,7 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
         "member_list": ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""),
         "rule": combine["rule"],
         "rule_text": rule_text,
+        "views_text": describe(combine.get("views") or IDENTITY),
         "stored_text": f"{shared / 1e6:.2f}M shared elements stored once, {member / 1e6:.2f}M member-specific elements",
         "cost_text": _cost_text(method.get("measured", {}).get("inference_cost"), config["num_members"]),
         "metrics_table": _metrics_table(config.get("metrics") or {}),
@@ -152,6 +154,7 @@ def summarize(config: dict[str, Any], size_mb: float | None = None) -> list[tupl
     ]
     rule = combine["rule"] + (f" (temperature {combine['temperature']:.3g})" if combine.get("temperature", 1) != 1 else "")
     rows.append(("combine", rule + (", parent included" if provenance.include_parent else "")))
+    rows.append(("test-time views", describe(combine.get("views") or IDENTITY)))
     rows.append(("classes", str(config["num_classes"])))
     for g, group in enumerate(config["groups"]):
         member_names = group["member_tensors"]

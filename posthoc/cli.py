@@ -249,14 +249,12 @@ def demo_command(
         Path, typer.Option("--out", "-o", help="Where the digits, the parent and the artifact go.", metavar="DIR")
     ] = Path("runs/demo"),
     parent_epochs: Annotated[int, typer.Option("--parent-epochs", help="Epochs to train the demo parent.", metavar="N")] = 6,
-    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.", metavar="")] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.", metavar="")] = True,
 ):
     """Offline demo on real data shipped with scikit-learn: train a small parent, boost it, compare."""
     from .commands.demo import run_demo
 
-    r = run_demo(
-        method, out, log=_log, warn=_warn, show_progress=show_progress, parent_epochs=parent_epochs, **ctx.meta["method_options"]
-    )
+    r = run_demo(method, out, log=_log, warn=_warn, progress=progress, parent_epochs=parent_epochs, **ctx.meta["method_options"])
     rows = [[label, fmt.format(r["parent"][k]), fmt.format(r[method][k])] for label, k, fmt in METRICS]
     rows.append(["members", "1", str(r[method].get("members", 1))])
     _table(f"held-out digits ({r['images']} images, never used for training or tuning)", ["metric", "parent", method], rows)

@@ -44,7 +44,7 @@ def _parameter(name: str, opt: dict[str, Any], panel: str, *, decl: str | None =
     kind = opt["type"]  # choices are checked by make_config, with the flag and the accepted values in one line
     decl = decl or opt["flag"]
     switch_off = kind is bool and decl.startswith("--") and opt["default"] is not False  # --no-x only where x can be on
-    decls = [f"{decl}/--no-{decl[2:]}" if switch_off else decl]
+    decls = [f"{decl}/{opt.get('off_flag') or '--no-' + decl[2:]}" if switch_off else decl]
     if opt.get("short") and not hidden:
         decls.append(opt["short"])
     required = opt["default"] is REQUIRED and not hidden

@@ -22,6 +22,7 @@ from .options import (
     OutputOptions,
     PreprocessingOptions,
     Renamed,
+    ViewOptions,
     option,
 )
 
@@ -59,7 +60,7 @@ class BoostOptions(Options):
 
 
 BOOST = CommandOptions(
-    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions, BoostOptions),
+    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions, ViewOptions, BoostOptions),
     exclude=frozenset({"batch_size"}),  # a method option where the method trains
 )
 
@@ -73,7 +74,11 @@ class EnsembleOptions(Options):
 
     renamed: ClassVar[dict[str, Renamed]] = {"dtype": Renamed("storage_dtype")}
 
-    combine: str = option("prob_mean", "prob_mean, logit_mean or vote.", choices=("prob_mean", "logit_mean", "vote", "coupling"))
+    combine: str = option(
+        "prob_mean",
+        "prob_mean, logit_mean or vote (coupling needs training: boost --method supernet).",
+        choices=("prob_mean", "logit_mean", "vote", "coupling"),
+    )
     storage_dtype: str = option(
         "auto", "Dtype of the stored weights: auto (the checkpoints'), float32, float16, bfloat16.", choices=STORAGE_DTYPES
     )
@@ -123,14 +128,15 @@ class EvalOptions(Options):
 
 
 EVAL = CommandOptions(
-    groups=(EvalOptions, ModelOptions, DataOptions, PreprocessingOptions, LoaderOptions, OutputOptions),
+    groups=(EvalOptions, ModelOptions, DataOptions, PreprocessingOptions, LoaderOptions, OutputOptions, ViewOptions),
     exclude=frozenset({"train_split", "val_split", "out", "overwrite"}),
+    defaults=(("tta", None),),  # an artifact's own views; none or flip override them for the run
 )
 
 
 # ------------------------------------------------------------------------------------ calibrate
 CALIBRATE = CommandOptions(
-    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions),
+    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions, ViewOptions),
     exclude=frozenset({"train_split", "num_classes", "batch_size", "progress"}),
     defaults=(("out", REQUIRED),),
 )
@@ -180,6 +186,12 @@ class StudentOptions(Options):
 
     student: str | None = option(None, "Model to train (default: the artifact's parent).", metavar="SPEC")
     temperature_scaling: bool = option(True, "Calibrate the student on the select part.")
+    teacher_tta: str = option(
+        "auto",
+        "Test-time views of the teacher's targets: auto (the mirror where it lowers the teacher's cross-validated "
+        "select NLL), none, flip, or stored (the artifact's own). The student stays one network seeing one view.",
+        choices=("auto", "none", "flip", "stored"),
+    )
 
 
 DISTILL = CommandOptions(
@@ -199,7 +211,7 @@ class PushOptions(Options):
     renamed: ClassVar[dict[str, Renamed]] = {"m": Renamed("message", spelling="-m")}
 
     repo: str = option(REQUIRED, "Hub model repository, org/name (created if absent).", metavar="ORG/NAME")
-    private: bool | None = option(None, "Make a new repository private (default: public).")
+    private: bool | None = option(None, "Make a new repository private, or public (the default).", off_flag="--public")
     revision: str | None = option(None, "Branch to commit to (created if absent).", metavar="BRANCH")
     create_pr: bool = option(False, "Open a pull request instead of committing.")
     message: str | None = option(None, "Commit message.", metavar="TEXT")

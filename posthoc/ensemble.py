@@ -17,7 +17,10 @@ The combine rule turns per-member outputs into class probabilities:
   SuperNet merge), softmax of its output.
 
 ``temperature`` divides the logits before the softmax (1 = none), so calibration fitted on validation
-data travels with the artifact.
+data travels with the artifact. ``views`` are the test-time views every member sees
+(:mod:`posthoc.views`); the rule combines over members and views alike (``prob_mean``: the mean of K*V
+softmaxes; ``logit_mean``: of K*V logits; ``vote``: K*V votes; ``coupling``: the coupled logits of each
+view, softmaxed and averaged).
 
 :class:`Provenance` is what built the ensemble (method, hyper-parameters, what it measured, sources,
 data, command line, build-time metrics); it is written next to the ensemble, never inside it.
@@ -35,6 +38,7 @@ from torch import nn
 
 from .errors import PosthocError
 from .timm_io import build_from_timm_config, timm_config
+from .views import IDENTITY, check_views
 
 COMBINE_RULES = ("prob_mean", "logit_mean", "vote", "coupling")
 
@@ -61,6 +65,7 @@ class Combine:
     temperature: float = 1.0
     coupling_weight: torch.Tensor | None = None  # (C, sum of member feature sizes)
     coupling_bias: torch.Tensor | None = None  # (C,)
+    views: tuple[str, ...] = IDENTITY
 
     def __post_init__(self):
         if self.rule not in COMBINE_RULES:
@@ -69,10 +74,11 @@ class Combine:
             raise PosthocError("the coupling rule needs a coupling layer (weight and bias)")
         if not self.temperature > 0:
             raise PosthocError(f"temperature must be positive, got {self.temperature}")
+        object.__setattr__(self, "views", check_views(self.views))
 
     def to_config(self) -> dict[str, Any]:
         """The JSON-able part (the coupling tensors go to the weights file)."""
-        return {"rule": self.rule, "temperature": self.temperature}
+        return {"rule": self.rule, "temperature": self.temperature, "views": list(self.views)}
 
 
 @dataclass

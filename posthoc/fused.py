@@ -44,6 +44,7 @@ from .ensemble import Ensemble, MemberGroup, combine_probabilities
 from .errors import PosthocError
 from .graph import FeaturesAndLogits, split_shared_prefix, tracer
 from .timm_io import build_from_timm_config
+from .views import stack_views
 
 STRATEGIES = ("auto", "vmap", "loop", "threads")
 _THREADS_LOCK = threading.Lock()
@@ -55,7 +56,9 @@ class EnsembleModule(nn.Module):
 
     ``forward(x, return_members=True)`` returns ``(probs, member_probs)`` with ``member_probs`` of
     shape (K, B, C): each member's own softmax, at the ensemble's temperature (for a ``coupling``
-    ensemble, of the member's own classifier). The module carries ``pretrained_cfg`` (preprocessing, timm's convention),
+    ensemble, of the member's own classifier), averaged over the test-time views. ``views`` (from the
+    combine rule, :mod:`posthoc.views`) run as one batch of V*B images through the shared prefix and the
+    member suffixes. The module carries ``pretrained_cfg`` (preprocessing, timm's convention),
     ``num_classes``, ``num_members``, ``member_names`` and, once loaded from disk, ``posthoc_config``.
 
     ``strategy`` chooses how member-specific layers run: ``auto`` (``vmap`` on CUDA; on CPU
@@ -75,6 +78,7 @@ class EnsembleModule(nn.Module):
         self.executors = nn.ModuleList([GroupExecutor(g, fold_bn=fold_bn) for g in ensemble.groups])
         self.rule = ensemble.combine.rule
         self.temperature = float(ensemble.combine.temperature)
+        self.views = ensemble.combine.views
         self.num_members = ensemble.num_members
         self.num_classes = ensemble.num_classes
         self.member_names = ensemble.member_names
@@ -108,19 +112,24 @@ class EnsembleModule(nn.Module):
         return "threads" if executor.heavy_suffix and torch.get_num_threads() > 1 else "loop"
 
     def raw_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the combine rule starts from, before the temperature: ``(combined, members)``, both
-        (K, B, C) member logits, except for ``coupling``, whose ``combined`` is the coupled logits (1, B, C)."""
-        feats, logits = self.member_outputs(x)
+        """What the combine rule starts from, before the temperature: ``(combined, members)``.
+
+        The V views of the batch run as one batch of V*B images. ``members`` are the member logits (K, V, B, C);
+        ``combined`` is what the rule combines: every member under every view (K*V, B, C), or for ``coupling``
+        the coupled logits of each view (V, B, C)."""
+        v, b = len(self.views), x.shape[0]
+        feats, logits = self.member_outputs(stack_views(x, self.views))
+        members = logits.unflatten(1, (v, b))
         if self.coupling is None:
-            return logits, logits
+            return members.flatten(0, 1), members
         z = torch.cat([f.transpose(0, 1).reshape(f.shape[1], -1) for f in feats], dim=1)  # member order
-        return self.coupling(z)[None], logits
+        return self.coupling(z).unflatten(0, (v, b)), members
 
     def forward(self, x: torch.Tensor, return_members: bool = False):
         combined, members = self.raw_logits(x)
         probs = combine_probabilities(combined, self.rule, self.temperature)
-        if return_members:
-            return probs, (members / self.temperature).softmax(-1)
+        if return_members:  # each member's own probabilities, averaged over the views
+            return probs, (members / self.temperature).softmax(-1).mean(1)
         return probs
 
 

@@ -38,9 +38,11 @@ def option(
     short: str | None = None,
     metavar: str | None = None,
     check_type: bool = True,
+    off_flag: str | None = None,
 ) -> Any:
     """A config field: its default (:data:`REQUIRED` for none), help text (shown by ``--help`` and ``posthoc
-    methods``), the values it accepts (``choices``, bounds), and optionally a short flag (``-j``)."""
+    methods``), the values it accepts (``choices``, bounds), and optionally a short flag (``-j``) and, for a
+    switch, the flag that turns it off (default ``--no-NAME``)."""
     meta = {
         "help": help,
         "choices": choices,
@@ -51,6 +53,7 @@ def option(
         "short": short,
         "metavar": metavar,
         "check_type": check_type,
+        "off_flag": off_flag,
     }
     if default is REQUIRED:
         return field(metadata=meta)
@@ -195,7 +198,7 @@ def describe_options(cls: type[Options]) -> list[dict[str, Any]]:
                 "flag": flag(f.name),
                 "type": field_type(cls, f.name),
                 "default": default,
-                **{k: f.metadata.get(k) for k in ("help", "choices", "ge", "gt", "le", "lt", "short", "metavar")},
+                **{k: f.metadata.get(k) for k in ("help", "choices", "ge", "gt", "le", "lt", "short", "metavar", "off_flag")},
             }
         )
     return out

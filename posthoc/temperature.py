@@ -46,7 +46,17 @@ def fit_ensemble_temperature(
 def calibrated(
     ensemble: Ensemble, loader: Iterable, device: torch.device, *, only_if_it_helps: bool = False
 ) -> tuple[Ensemble, dict[str, Any]]:
-    """``ensemble`` with a temperature fitted on ``loader`` (the select part), and what the fit measured.
+    """``ensemble`` with a temperature fitted on ``loader`` (the select part), and what the fit measured
+    (:func:`temperature_fit`)."""
+    logits, y = select_logits(EnsembleModule(ensemble.as_float32()), loader, device)
+    t, fit = temperature_fit(logits, y, ensemble.combine.rule, only_if_it_helps=only_if_it_helps)
+    return Ensemble(groups=ensemble.groups, combine=dataclasses.replace(ensemble.combine, temperature=t)), fit
+
+
+def temperature_fit(
+    logits: torch.Tensor, y: torch.Tensor, rule: str, *, only_if_it_helps: bool = False
+) -> tuple[float, dict[str, Any]]:
+    """The temperature for pre-temperature ``logits`` (what the rule combines, (K, N, C)) and the record of the fit.
 
     The fit starts from the raw logits, so re-calibrating gives the same temperature whatever the old one.
     ``cross_validated`` records the NLL of two-fold cross-validation on the select part (fit the
@@ -54,21 +64,17 @@ def calibrated(
     default step) the temperature is kept at 1 unless it lowers that held-out NLL, since a temperature
     fitted on a few hundred images of an accurate model can hurt the next images.
     """
-    logits, y = select_logits(EnsembleModule(ensemble.as_float32()), loader, device)
-    t, before, after = fit_ensemble_temperature(logits, y, ensemble.combine.rule)
-    fitted, unscaled = cross_validated_nll(logits, y, ensemble.combine.rule)
-    helps = fitted < unscaled
+    t, before, after = fit_ensemble_temperature(logits, y, rule)
+    fitted, unscaled = cross_validated_nll(logits, y, rule)
     fit = {
         "temperature": round(t, 6),
         "select_before": before,
         "select_after": after,
         "cross_validated": {"nll_with_temperature": round(fitted, 5), "nll_without": round(unscaled, 5)},
     }
-    if only_if_it_helps and not helps:
-        fit.update(temperature=1.0, select_after=before, applied=False)
-        return ensemble, fit
-    combine = dataclasses.replace(ensemble.combine, temperature=t)
-    return Ensemble(groups=ensemble.groups, combine=combine), {**fit, "applied": True}
+    if only_if_it_helps and not fitted < unscaled:
+        return 1.0, {**fit, "temperature": 1.0, "select_after": before, "applied": False}
+    return t, {**fit, "applied": True}
 
 
 def cross_validated_nll(logits: torch.Tensor, y: torch.Tensor, rule: str) -> tuple[float, float]:
@@ -93,3 +99,8 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, rule: str, temperature: float
     m.update(combine_probabilities(logits.double(), rule, temperature), y)
     r = m.compute()
     return {k: round(r[k], 5) for k in ("top1", "nll", "ece")}
+
+
+def select_nll(logits: torch.Tensor, y: torch.Tensor, rule: str, temperature: float = 1.0) -> float:
+    """The NLL of the combined prediction of pre-temperature ``logits`` (K, N, C) at ``temperature``."""
+    return _scores(logits, y, rule, temperature)["nll"]

@@ -47,7 +47,7 @@ def test_loaded_artifact_applies_its_temperature(tmp_path):
 
 
 def test_calibrate_a_checkpoint_then_recalibrate_changes_only_the_temperature(tmp_path, capsys, resnet_dir, image_data):
-    common = ["--data", str(image_data), "--workers", "0"]
+    common = ["--data", str(image_data), "--workers", "0", "--tta", "none"]  # views: tests/test_views.py
     assert main(["calibrate", str(resnet_dir), "--out", str(tmp_path / "c"), *common]) == 0
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     t = config["combine"]["temperature"]
@@ -93,6 +93,8 @@ def test_boost_without_temperature_scaling_leaves_outputs_unchanged(tmp_path, re
         "20",
         "--bn-batches",
         "1",
+        "--tta",
+        "none",
     ]
     assert main([*args, "--out", str(tmp_path / "on")]) == 0
     assert main([*args, "--out", str(tmp_path / "off"), "--no-temperature-scaling"]) == 0

@@ -225,7 +225,8 @@ def test_cli_supernet_from_several_checkpoints(tmp_path, capsys, parent_dirs, im
     assert code == 0, capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"]["config"]["coupling_divisor"] == 4.0 and cfg["method"]["config"]["l2"] == 0.001
-    assert cfg["num_members"] == 2 and cfg["combine"] == {"rule": "coupling", "temperature": 1.0}
+    assert cfg["num_members"] == 2 and cfg["combine"]["rule"] == "coupling" and cfg["combine"]["temperature"] == 1.0
+    assert cfg["combine"]["views"] == cfg["method"]["measured"]["views"]["chosen"]["views"]  # chosen on the select part
     assert cfg["method"]["include_parent"] is False
     assert main(["methods", "supernet"]) == 0
     assert "--last-layers" in capsys.readouterr().out

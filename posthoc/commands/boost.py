@@ -20,6 +20,7 @@ from torch import nn
 from .. import data as data_mod
 from .. import distributed
 from ..artifact import save
+from ..calibration import finish
 from ..command_options import BOOST, ENSEMBLE, BoostOptions, DistillConfig, EnsembleOptions
 from ..cost import cost_summary, fits
 from ..ensemble import Combine, Ensemble, MetricKey, Provenance
@@ -36,12 +37,12 @@ from ..options import (
     ModelOptions,
     OutputOptions,
     PreprocessingOptions,
+    ViewOptions,
     make_config,
 )
 from ..pipeline import SELECT, TRAIN, Output, Run, check_outputs, prepare
 from ..runtime import seed_everything
 from ..sources import is_artifact, load_model, member_name, storage_dtype
-from ..temperature import calibrated
 from .distill import distill as distill_artifact
 
 
@@ -157,9 +158,10 @@ def boost(
 
     def on_rank_zero() -> dict[str, Any]:
         final, teacher = (out, outputs[0].path) if opts.distill else (out, out)
-        ensemble_, fit = _finish(ensemble, run, opts, log)
-        if fit is not None:
-            ctx.note("temperature", fit)
+        ensemble_, record = _finish(ensemble, run, groups[ViewOptions].tta, opts, log)
+        ctx.note("views", record["views"])
+        if record["temperature"] is not None:
+            ctx.note("temperature", record["temperature"])
         seconds = clock.seconds
         metrics, cost = _measure(ensemble_, run, opts, warn or log)
         ctx.note("inference_cost", cost)
@@ -220,13 +222,25 @@ def _method(name: str, models: list[str], values: dict[str, Any], warn) -> Metho
     return method_cls(cfg)
 
 
-def _finish(ensemble: Ensemble, run: Run, opts: BoostOptions, log) -> tuple[Ensemble, dict[str, Any] | None]:
-    """The last step of every artifact: a temperature fitted on the select part, kept only where it lowers
-    the two-fold cross-validated select NLL (a temperature fitted on a few hundred images of an accurate
-    model can hurt the next ones). Hard votes have none."""
-    if not opts.temperature_scaling or ensemble.combine.rule == "vote":
-        return ensemble, None
-    ensemble, fit = calibrated(ensemble, run.select_loader(256), run.device, only_if_it_helps=True)
+def _finish(ensemble: Ensemble, run: Run, tta: str, opts: BoostOptions, log) -> tuple[Ensemble, dict[str, Any]]:
+    """The last step of every artifact (:func:`posthoc.calibration.finish`): test-time views chosen on the select
+    part (within the inference budget), then a temperature kept only where it lowers the two-fold
+    cross-validated select NLL (a temperature fitted on a few hundred images of an accurate model can hurt
+    the next ones). Hard votes have none."""
+    temperature = "cv" if opts.temperature_scaling else "off"
+    ensemble, record = finish(
+        ensemble,
+        run.select_loader(256),
+        run.device,
+        tta=tta,
+        temperature=temperature,
+        budget=opts.inference_budget,
+        parent=run.model,
+        log=log,
+    )
+    fit = record["temperature"]
+    if fit is None:
+        return ensemble, record
     cv = fit["cross_validated"]
     if fit["applied"]:
         log(
@@ -238,7 +252,7 @@ def _finish(ensemble: Ensemble, run: Run, opts: BoostOptions, log) -> tuple[Ense
             f"no temperature: on held-out halves of the select part it would give NLL {cv['nll_with_temperature']:.4f} "
             f"against {cv['nll_without']:.4f} without"
         )
-    return ensemble, fit
+    return ensemble, record
 
 
 def _measure(ensemble: Ensemble, run: Run, opts: BoostOptions, warn) -> tuple[dict[str, Any], dict[str, Any]]:

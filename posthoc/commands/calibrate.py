@@ -1,8 +1,10 @@
-"""``posthoc calibrate``: the cheapest fix there is, a temperature fitted on the select part.
+"""``posthoc calibrate``: the cheapest fixes there are, chosen on the select part without training:
+test-time views (``--tta auto``: the mirrored image where it helps) and a temperature.
 
-A checkpoint becomes a calibrated one-member artifact; an artifact gets its temperature fitted again
-(its weights file stays bit-identical, and an artifact tuned on a select part is calibrated on that same
-part). The fit itself is :mod:`posthoc.temperature`.
+A checkpoint becomes a calibrated one-member artifact; an artifact gets its views and temperature chosen
+again (its weights file stays bit-identical, and an artifact tuned on a select part is calibrated on that
+same part). The step itself is :func:`posthoc.calibration.finish`, the one every ``boost`` ends with; here
+the temperature is always fitted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..artifact import read
 from ..artifact import save as save_artifact
+from ..calibration import finish
 from ..command_options import CALIBRATE
 from ..ensemble import Ensemble, MetricKey, Provenance
 from ..fused import EnsembleModule
@@ -26,10 +29,10 @@ from ..options import (
     ModelOptions,
     OutputOptions,
     PreprocessingOptions,
+    ViewOptions,
 )
 from ..pipeline import SELECT, Output, prepare
 from ..sources import artifact_dir, is_artifact, load_model, member_name, storage_dtype
-from ..temperature import calibrated
 
 
 def calibrate(
@@ -74,7 +77,9 @@ def calibrate(
         preprocessing=groups[PreprocessingOptions],
     )
     dataset = run.sets[SELECT]
-    result, fit = calibrated(found["ensemble"], run.select_loader(256), run.device)
+    tta = groups[ViewOptions].tta
+    result, record = finish(found["ensemble"], run.select_loader(256), run.device, tta=tta, temperature="always", log=log)
+    fit = record["temperature"]
     log(
         f"temperature {fit['temperature']:.4g} on {len(dataset)} images of {run.select}: NLL {fit['select_before']['nll']:.4f} -> "
         f"{fit['select_after']['nll']:.4f}, ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
@@ -82,6 +87,7 @@ def calibrate(
     provenance: Provenance = found["provenance"]
     measured = dict(provenance.measured)
     measured["calibration"] = {**fit, "command": command} if command else fit
+    measured["views"] = record["views"]
     data_record = provenance.data or {"dataset": str(run.data.data), "tuned_on": str(run.select), "select_size": len(dataset)}
     metrics = {**provenance.metrics, str(MetricKey(str(run.select), "calibrated")): fit["select_after"]}
     provenance = dataclasses.replace(

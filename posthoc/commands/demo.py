@@ -91,7 +91,7 @@ def run_demo(
     out: Path = Path("runs/demo"),
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
-    show_progress: bool = True,
+    progress: bool = True,
     parent_epochs: int = DEMO_PARENT_EPOCHS,
     seed: int = 0,
     **config: Any,
@@ -117,7 +117,7 @@ def run_demo(
         write_digits(data)
     if not (parent_dir / "model.safetensors").is_file():
         log(f"training a small timm CNN (test_resnet) on 1,079 digits for {parent_epochs} epochs ...")
-        train_parent(data, parent_dir, epochs=parent_epochs, seed=seed, show_progress=show_progress)
+        train_parent(data, parent_dir, epochs=parent_epochs, seed=seed, show_progress=progress)
     log(f"boosting it with '{method}' ...")
     summary = boost(
         [str(parent_dir)],
@@ -126,7 +126,7 @@ def run_demo(
         artifact,
         overwrite=True,
         workers=0,
-        progress=show_progress,
+        progress=progress,
         log=log,
         warn=warn,
         command=f"posthoc demo --method {method} --seed {seed}",

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import data as data_mod
 from ..artifact import read_config, save
+from ..calibration import candidates_for, choose
 from ..command_options import DISTILL, DistillConfig, StudentOptions
 from ..cost import flops_ratio
 from ..distillation import distillation_cost, student_steps, train_student
@@ -86,6 +87,7 @@ def distill(
     )
     student, ensemble_module = run.models
     select_loader = run.select_loader(256)
+    teacher_views = _teacher_views(ensemble_module, chosen.teacher_tta, select_loader, run.device, log)
     seed_everything(cfg.seed)
     teacher_ratio = flops_ratio(ensemble_module, student)
     student_before = headline(evaluate(student, select_loader, device=run.device, show_progress=False))
@@ -106,6 +108,7 @@ def distill(
         "teacher": str(teacher),
         "teacher_members": ensemble_module.num_members,
         "teacher_flops_ratio": round(teacher_ratio, 4),
+        "teacher_views": teacher_views,
         "teacher_select": teacher_metrics,
         "student_select_before": student_before,
         "steps": len(losses),
@@ -142,3 +145,15 @@ def distill(
         "cost_parent_epochs": cost,
         "teacher_flops_ratio": teacher_ratio,
     }
+
+
+def _teacher_views(teacher: EnsembleModule, tta: str, loader, device, log) -> dict[str, Any]:
+    """The teacher's test-time views for the targets (:func:`posthoc.calibration.choose`); a teacher that gets
+    other views than it stores gets its temperature decided again for them (the artifact on disk is unchanged)."""
+    stored = {"views": list(teacher.views), "temperature": teacher.temperature}
+    if tta == "stored":
+        return {"chosen": stored, "tta": tta}
+    picked, t, record = choose(teacher, loader, device, candidates_for(teacher, tta), temperature="cv", log=log)
+    if picked.views != tuple(teacher.views):
+        teacher.views, teacher.temperature = picked.views, t
+    return {**record["views"], "tta": tta, "stored": stored, "temperature": teacher.temperature}

@@ -17,6 +17,7 @@ import torch
 
 from .. import data as data_mod
 from .. import distributed
+from ..calibration import with_views
 from ..command_options import EVAL, EvalOptions
 from ..errors import PosthocError
 from ..evaluate import evaluate
@@ -27,11 +28,13 @@ from ..options import (
     ModelOptions,
     OutputOptions,
     PreprocessingOptions,
+    ViewOptions,
 )
 from ..pipeline import Output, check_outputs, prepare
 from ..results import write_results
 from ..runtime import resolve_device, resolve_dtype
 from ..sources import expand_specs, load_model
+from ..views import describe, views_of
 
 
 def _checked(options: dict[str, Any]) -> dict[type, Any]:
@@ -39,6 +42,11 @@ def _checked(options: dict[str, Any]) -> dict[type, Any]:
     if rest:
         raise PosthocError(f"unknown option {', '.join(sorted(rest))}")
     opts, data = groups[EvalOptions], groups[DataOptions]
+    if groups[ViewOptions].tta == "auto":
+        raise PosthocError(
+            "eval scores a model as it is and never tunes: use --tta none or flip here; views are chosen on the select "
+            "part by posthoc calibrate --tta auto (or boost)"
+        )
     if opts.real_labels is not None and (data.skip_bad_images or data.subset is not None):
         raise PosthocError("--real-labels align with every image of the split in order; drop --skip-bad-images and --subset")
     resolve_device(groups[LoaderOptions].device)
@@ -73,7 +81,13 @@ def evaluate_spec(
                 f"--num-classes {model_opts.num_classes} would give {name} a new, untrained classifier, and evaluation "
                 f"would score chance; evaluate on data of its {net.num_classes} classes (re-heading only makes sense before training)"
             )
-        return net
+        tta = groups[ViewOptions].tta
+        if tta is None:
+            return net
+        views = views_of(tta)
+        if getattr(net, "returns_probabilities", False) and tuple(net.views) != views:
+            warn(f"scoring {name} with the views {describe(views)} instead of its own {describe(net.views)}, for this run only")
+        return with_views(net, views, name)
 
     run = prepare(
         [spec],
