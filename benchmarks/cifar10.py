@@ -1,10 +1,10 @@
-"""CIFAR-10 / ResNet-18 accuracy benchmark, following ``../shared/BENCH.md``.
+"""CIFAR-10 / ResNet-18 accuracy benchmark, following ``benchmarks/PROTOCOL.md``.
 
     python benchmarks/cifar10.py --shared ../shared --out benchmarks/results [--rows parent,deep4,noisy]
 
 Every row is an ordinary ``posthoc`` command line (run as a subprocess, timed), evaluated with
 ``posthoc eval ART --split val:report`` (posthoc's ``val:select`` / ``val:report`` parts are exactly
-BENCH.md's split: sorted paths, ``random.Random(0).shuffle``, first 2,000 select). In the same run the
+the protocol's split: sorted paths, ``random.Random(0).shuffle``, first 2,000 select). In the same run the
 script measures one training epoch of the parent over ``train/`` (forward + backward + SGD step, batch
 128) at its start and again at its end (costs use the mean, so a machine that slows down or speeds up
 during the run biases them less), and every artifact's CPU throughput at batch 256 alternating with the
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARENT_EPOCHS_OF_PARENT = 15  # BENCH.md: the parents took 15 epochs each
+PARENT_EPOCHS_OF_PARENT = 15  # benchmarks/PROTOCOL.md: the 15-epoch parents
 
 
 @dataclass
@@ -155,7 +155,7 @@ def rows(parents: list[str]) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------ data
 def prepare_data(shared: Path, cache: Path) -> Path:
-    """Unpack ``cifar10-trainval.tar.gz`` once into ``cache`` and check BENCH.md's counts."""
+    """Unpack ``cifar10-trainval.tar.gz`` once into ``cache`` and check the protocol's counts."""
     root = cache / "cifar10"
     marker = cache / ".unpacked"
     if not marker.exists():
@@ -168,13 +168,13 @@ def prepare_data(shared: Path, cache: Path) -> Path:
     counts = {s: len(open_split(root, s)) for s in ("train", "val:select", "val:report")}
     expected = {"train": 45000, "val:select": 2000, "val:report": 3000}
     if counts != expected:
-        raise SystemExit(f"unexpected CIFAR-10 layout {counts}, BENCH.md expects {expected}")
+        raise SystemExit(f"unexpected CIFAR-10 layout {counts}, benchmarks/PROTOCOL.md expects {expected}")
     return root
 
 
 # ----------------------------------------------------------------------------------- measurements
 def parent_epoch_seconds(parent: str, data: Path, steps: int = 100) -> float:
-    """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as BENCH.md says:
+    """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as benchmarks/PROTOCOL.md says:
     the first ``steps`` batches after two warm-up steps, timed and scaled to the epoch's length."""
     from posthoc import load_model
     from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
@@ -227,7 +227,7 @@ def write_table(records: list[dict], path: Path) -> str:
         for r in kept
     )
     text = (
-        "# CIFAR-10, ResNet-18 parents (protocol: ../shared/BENCH.md)\n\n"
+        "# CIFAR-10, ResNet-18 parents (protocol: benchmarks/PROTOCOL.md)\n\n"
         "Metrics on the 3,000-image **report** part of `val/`; everything was tuned on the 2,000-image select part.\n"
         "Cost: the method's wall time, and that time over one parent training epoch measured in the same run "
         "(deep ensemble: 4 x 15 training epochs, by the protocol). FLOPs: forward FLOPs per image over the parent's. "

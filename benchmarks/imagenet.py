@@ -13,7 +13,7 @@ its defaults (plus ``--method-flags`` for quick looks), evaluates each artifact 
 records top-1, NLL, ECE, Brier, members, parameters, size, wall time, cost in parent-epochs (one parent
 training epoch over the training split is extrapolated from ``--epoch-steps`` timed steps, since a
 real epoch takes hours), the FLOPs ratio and the forward-time ratio at batch 32 and 256 on the device.
-Methods tune on ``val:select`` only (BENCH.md's rule, with ImageNet's 50,000 images cut 40/60 unless
+Methods tune on ``val:select`` only (benchmarks/PROTOCOL.md's rule, with ImageNet's 50,000 images cut 40/60 unless
 ``--select-size`` says otherwise).
 """
 

@@ -3,7 +3,7 @@
     python benchmarks/noisy_sweep.py --data benchmarks/.cache/cifar10 --out benchmarks/results
 
 The 2,000-image select part of ``val/`` is cut once more: the method searches sigma and selects
-children on its first 1,000 images (``select_size=1000``, the same shuffled order BENCH.md uses), and the
+children on its first 1,000 images (``select_size=1000``, the same shuffled order benchmarks/PROTOCOL.md uses), and the
 ensemble is scored on the other 1,000. The report part is never read. Each configuration runs with
 several seeds; the JSON keeps every run and the markdown table the means.
 """

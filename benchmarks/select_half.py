@@ -1,5 +1,5 @@
 """The sweeps' scoring half: methods tune on the first 1,000 images of ``val:select`` and are scored on the
-other 1,000, so a sweep chooses defaults without reading the report part (BENCH.md)."""
+other 1,000, so a sweep chooses defaults without reading the report part (benchmarks/PROTOCOL.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
 - ``hfds/NAME``: a Hugging Face dataset (``pip install datasets``), split names as the Hub has them;
 - an in-memory dataset of ``{"image": PIL image, "label": int}`` records (:func:`from_records`).
 
-A split can be cut into two deterministic parts, the way ``../shared/BENCH.md`` cuts CIFAR-10's
+A split can be cut into two deterministic parts, the way ``benchmarks/PROTOCOL.md`` cuts CIFAR-10's
 ``val/``: sort the samples by key (the file path relative to the split for folders, the member name
 for tars, the zero-padded index for datasets without paths), shuffle them with ``random.Random(0)``,
 the first ``select_size`` are **select** (anything a method tunes or selects on) and the rest are
@@ -55,7 +55,7 @@ from .errors import PosthocError, first_line
 from .runtime import seeded_generator
 
 PARTS = ("select", "report")
-DEFAULT_SELECT_FRACTION = 0.4  # 2,000 of CIFAR-10's 5,000 val images, as BENCH.md fixes
+DEFAULT_SELECT_FRACTION = 0.4  # 2,000 of CIFAR-10's 5,000 val images, as benchmarks/PROTOCOL.md fixes
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random")
 
 
@@ -401,7 +401,7 @@ def from_records(records: Sequence[dict], classes: Sequence[str], **kwargs: Any)
 
 
 def part_indices(keys: Sequence[str], part: str | None, select_size: int | None = None) -> list[int]:
-    """Indices of the select or report part (BENCH.md rule over sorted keys); all indices for ``part=None``."""
+    """Indices of the select or report part (benchmarks/PROTOCOL.md's rule over sorted keys); all indices for ``part=None``."""
     n = len(keys)
     if part is None:
         return list(range(n))

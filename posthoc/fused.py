@@ -9,11 +9,11 @@ Each :class:`~posthoc.ensemble.MemberGroup` runs in a :class:`GroupExecutor`:
 2. The suffix runs for all K members with ``torch.func.functional_call``, either batched in one pass
    (``vmap``: member tensors batched, the prefix's outputs unbatched; convolutions become grouped
    convolutions), member after member (``loop``), or members side by side on CPU threads that share
-   the intra-op threads out among them (``threads``; measured on 2 cores only). ``auto`` picks ``vmap`` on CUDA, where one wide kernel beats K
-   small launches; on CPU, where PyTorch's grouped convolutions are slower than K plain ones,
+   the intra-op threads out among them (``threads``). ``auto`` picks ``vmap`` on CUDA, where one wide kernel
+   beats K small launches; on CPU, where PyTorch's grouped convolutions are slower than K plain ones,
    ``threads`` when the suffix is more than the classifier (a member's whole network splits across
-   cores better than each small convolution does) and ``loop`` otherwise (measured in
-   ``benchmarks/inference.py``).
+   cores better than each small convolution does) and ``loop`` otherwise (timings:
+   ``benchmarks/results/inference.md``).
 
 Before the cut, every BatchNorm (``nn.BatchNorm2d`` or timm's ``BatchNormAct2d``, whose activation
 stays) that directly follows a plain convolution (``nn.Conv2d`` or timm's ``Conv2dSame``; weight-

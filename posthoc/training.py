@@ -195,7 +195,7 @@ def train_epochs(
     ``batches(epoch)`` yields ``(inputs, targets)``; ``select_logits()`` returns the select part's logits
     and targets under the current parameters. Epoch 0 (the starting parameters) is scored too, so the
     result is never worse on the select part than the start. ``select_by`` is ``nll``, ``top1`` or
-    ``last``. ``train_modules`` are put in train mode while training (BatchNorm ``--bn train``); their
+    ``last``. ``train_modules`` are put in train mode while training (BatchNorm with ``--train-bn``); their
     buffers are restored with the best epoch. ``l2`` adds ``l2 * sum(p^2)`` over ``params`` to the
     loss (Keras's L2 regulariser, as the SuperNet thesis used). With ``calibrated`` (the result will be
     temperature-scaled), each epoch is also scored after fitting its own temperature on the select part

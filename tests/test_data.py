@@ -1,4 +1,4 @@
-"""ImageFolder splits, the select/report rule of BENCH.md, subsets, transforms and data errors."""
+"""ImageFolder splits, the select/report rule of benchmarks/PROTOCOL.md, subsets, transforms and data errors."""
 
 from __future__ import annotations
 

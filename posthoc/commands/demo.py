@@ -1,4 +1,4 @@
-"""``posthoc demo``: the whole product on real data, offline, in about a minute on a laptop CPU.
+"""``posthoc demo``: the whole product on real data, offline, on a laptop CPU.
 
 It writes scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits, shipped inside the
 package, so nothing is downloaded) as an ImageFolder, trains a small timm CNN on it for a few seconds,
@@ -99,9 +99,9 @@ def run_demo(
     """Write the digits, train a parent briefly (``parent_epochs``, seeded), boost it with ``method``, and
     evaluate both on held-out digits that neither training nor the method saw.
 
-    The default method and parent were chosen on the digits' select part (``benchmarks/demo_sweep.py``):
-    a parent trained for a few seconds, and ``resample``'s mean model, which beat it on held-out NLL for
-    every seed at one network's inference cost."""
+    The default method and parent were chosen on the digits' select part (``benchmarks/demo_sweep.py``,
+    table ``benchmarks/results/demo_sweep_6ep.md``): a parent trained for a few seconds, and ``resample``'s
+    mean model, one network at the parent's inference cost."""
     from ..data import eval_transform, make_loader, open_split, resolve_data_config
     from ..evaluate import evaluate
     from ..methods import get_method

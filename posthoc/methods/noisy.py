@@ -14,7 +14,7 @@ Choices where the thesis is silent or inconsistent:
 - softmax-then-mean combination (the thesis's stated rule); its pseudo-code's parent member is
   ``--include-parent``;
 - each child's BatchNorm statistics in the mutated scope are re-estimated on training images
-  (``--bn-recalibrate``), which the thesis does not do.
+  (``--bn-batches``; 0 keeps the parent's), which the thesis does not do.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class ResampleConfig(MethodConfig):
     members: int = option(
         1,
         "Members of the artifact: the mean model (with --include-mean) and networks drawn from N(mean, (std-scale*std)^2); "
-        "the default, 1, is the mean model alone (8 draws beat it by 2e-4 NLL at 8x the inference on the select part, benchmarks/results/defaults.md).",
+        "the default, 1, is the mean model alone (why: benchmarks/results/defaults.md).",
         ge=1,
     )
     include_mean: bool = option(True, "Make the mean model one of the members.")
@@ -106,7 +106,7 @@ class WelfordStats:
     ``update`` folds in snapshot ``n``: ``delta = x - mean; mean += delta / n; M2 += delta^2 (n-1) / n``
     (the paper's eq. 3 in M2 form; every term is a square, so M2 cannot go negative). ``var`` is the
     population variance ``M2 / n`` (divide by n, as eq. 3). Accumulators live on each tensor's device in
-    ``dtype``; an update costs a few passes over the parameters (about 5 ms for ResNet-18 on one core).
+    ``dtype``; an update costs a few passes over the parameters.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32):

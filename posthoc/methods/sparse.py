@@ -6,10 +6,10 @@ pushes it out of the parent's basin; the children (and the parent with ``--inclu
 averaged as probabilities, or coupled by a trained SuperNet layer (``--couple``). ``--keep 1.0`` prunes
 nothing: the children are only re-tuned with the one-cycle schedule (the dense ablation).
 
-Defaults (chosen on CIFAR-10's select part within 5 parent-epochs, ``benchmarks/results/sparse_select.md``):
-two dense children (``--keep 1.0``) of two epochs each at ``--max-lr 0.05``, plus the parent. Pruning
-half the weights, the thesis's recipe, lost accuracy there from a parent trained to convergence; any
-pruning option (``--partition``, ``--anneal``, ``--structure``, ...) given without ``--keep`` prunes half.
+Defaults: two dense children (``--keep 1.0``) of two epochs each at ``--max-lr 0.05``, plus the parent
+(chosen on the select part: ``benchmarks/results/sparse_select.md``). Any pruning option
+(``--partition``, ``--anneal``, ``--structure``, ...) given without ``--keep`` prunes half the weights,
+the thesis's recipe.
 
 Choices where the thesis is silent or inconsistent:
 
