@@ -41,10 +41,14 @@ def template_text(name: str) -> str:
         return (Path(__file__).resolve().parents[1] / "model_cards" / name).read_text()
 
 
-def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path: str = "PATH_OR_REPO") -> str:
+def render_card(
+    config: dict[str, Any], template: str = "ensemble.md", load_path: str = "PATH_OR_REPO", onnx_file: str | None = None
+) -> str:
     """Render the model card of an artifact from its ``config.json`` dict.
 
     ``load_path`` is what the card's usage lines load: ``hf-hub:org/name`` once the artifact is pushed.
+    ``onnx_file``: the name of an ONNX export uploaded beside it (``posthoc push --with-export``), which
+    the card then shows how to run with ONNX Runtime.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -86,6 +90,8 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
         "cost_text": _cost_text(method.get("measured", {}).get("inference_cost"), config["num_members"]),
         "metrics_table": _metrics_table(config.get("metrics") or {}),
         "load_path": load_path,
+        "onnx_file": onnx_file,
+        "onnx_download": _download_args(load_path, onnx_file),
         "input_size": tuple(cfg.get("input_size", ())),
         "interpolation": cfg.get("interpolation", "?"),
         "crop_pct": cfg.get("crop_pct", "?"),
@@ -99,6 +105,12 @@ def render_card(config: dict[str, Any], template: str = "ensemble.md", load_path
     }
     card = ModelCard.from_template(card_data, template_str=template_text(template), **values)
     return str(card.content).replace("\n\n\n", "\n\n")
+
+
+def _download_args(load_path: str, filename: str | None) -> str:
+    """``hf_hub_download``'s arguments for a file of the repository ``load_path`` (``hf-hub:org/name[@rev]``)."""
+    repo, _, revision = load_path.removeprefix("hf-hub:").partition("@")
+    return f'"{repo}", "{filename}"' + (f', revision="{revision}"' if revision else "")
 
 
 def _cost_text(cost: dict[str, Any] | None, members: int) -> str:

@@ -216,6 +216,33 @@ class PushOptions(Options):
     create_pr: bool = option(False, "Open a pull request instead of committing.")
     message: str | None = option(None, "Commit message.", metavar="TEXT")
     token: str | None = option(None, "Hub token (default: hf auth login / HF_TOKEN).", metavar="TOKEN")
+    with_export: Path | None = option(
+        None, "Also upload this file of posthoc export (with its JSON); the card shows how to run it.", metavar="FILE"
+    )
 
 
 PUSH = CommandOptions(groups=(PushOptions,))
+
+
+# --------------------------------------------------------------------------------------- export
+@dataclass
+class ExportOptions(Options):
+    """What the exported file holds."""
+
+    panel: ClassVar[str] = "Export"
+
+    format: str | None = option(
+        None,
+        "onnx, pt2 (torch.export) or aoti (AOTInductor, compiled for CPU); default: pt2 for a .pt2 --out, else onnx.",
+        choices=("onnx", "pt2", "aoti"),
+    )
+    members_output: bool = option(False, "Also output each member's probabilities (K, N, classes).")
+    opset: int | None = option(None, "ONNX opset (default: torch's).", ge=1, metavar="N")
+    validate: bool = option(True, "Compare the file with posthoc.load on generated batches before writing it.")
+
+
+EXPORT = CommandOptions(
+    groups=(ExportOptions, OutputOptions),
+    exclude=frozenset({"progress"}),
+    defaults=(("out", REQUIRED),),
+)

@@ -101,9 +101,11 @@ def time_ratio(module: nn.Module, parent: nn.Module, batch: int = 16, rounds: in
 
 
 def cost_summary(module: nn.Module, parent: nn.Module, measure_time: bool = True) -> dict[str, Any]:
-    """Members, stored parameters, FLOPs ratio (and measured time ratio) of an artifact against its parent."""
+    """Members, test-time views, stored parameters, FLOPs ratio (and measured time ratio) of an artifact against
+    its parent (the FLOPs and time of V views are V passes through the member-specific part)."""
     out: dict[str, Any] = {
         "members": int(getattr(module, "num_members", 1)),
+        "views": len(getattr(module, "views", ("identity",))),
         "parameters": int(
             module.num_parameters() if hasattr(module, "num_parameters") else sum(p.numel() for p in module.parameters())
         ),

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from . import data as data_mod
 from .artifact import check_output
+from .errors import PosthocError
 from .labels import check_data_classes, check_label_space
 from .options import DataOptions, LoaderOptions, PreprocessingOptions
 from .paths import ensure_writable
@@ -31,23 +32,48 @@ SELECT, TRAIN = "select", "train"  # the parts a training command opens; any oth
 
 @dataclass(frozen=True)
 class Output:
-    """A place a command writes: an artifact directory (replaced whole, only with ``--overwrite``) or a file."""
+    """A place a command writes: an artifact directory (replaced whole, only with ``--overwrite``) or a file
+    (``replace``: an existing one is rewritten without ``--overwrite``, as results files are)."""
 
     path: Path
     what: str = "artifact directory"
+    replace: bool = False
 
     @property
     def is_artifact(self) -> bool:
         return self.what == "artifact directory"
 
 
-def check_outputs(outputs: Sequence[Output], overwrite: bool = False) -> None:
-    """Every output writable (and an existing artifact directory replaceable), before any work."""
+def check_outputs(outputs: Sequence[Output], overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> None:
+    """Before any work: every output writable, never an input or another output (nor inside or around one),
+    an existing artifact directory replaced only with ``overwrite`` and only when it holds nothing else, an
+    existing file only with ``overwrite`` (or ``replace``)."""
+    named = [
+        Path(str(p).removeprefix("local-dir:")) for p in inputs if p is not None and not str(p).startswith(("hf-hub:", "hfds/"))
+    ]
+    taken = [(p, "input") for p in named if p.exists()]
     for out in outputs:
+        for other, role in taken:
+            relation = _relation(out.path, other)
+            if relation:
+                raise PosthocError(f"the {out.what} {out.path} {relation} the {role} {other}; write it elsewhere")
+        taken.append((out.path, out.what))
         if out.is_artifact:
             check_output(out.path, overwrite)
-        else:
-            ensure_writable(out.path, out.what)
+            continue
+        ensure_writable(out.path, out.what)
+        if out.path.is_dir():
+            raise PosthocError(f"the {out.what} {out.path} is a directory; name the file to write")
+        if out.path.exists() and not (overwrite or out.replace):
+            raise PosthocError(f"output {out.path} already exists; pass --overwrite or choose another place")
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    """How the place ``a`` overlaps ``b`` (after resolving links): ``is``, ``lies inside``, ``contains``, or None."""
+    a, b = a.expanduser().resolve(), b.expanduser().resolve()
+    if a == b:
+        return "is"
+    return "lies inside" if a.is_relative_to(b) else ("contains" if b.is_relative_to(a) else None)
 
 
 def recorded_data(model: nn.Module) -> dict[str, Any]:
@@ -169,6 +195,7 @@ def prepare(
     parts: Sequence[str] = (SELECT,),
     outputs: Sequence[Output] = (),
     overwrite: bool = False,
+    inputs: Sequence[str | Path | None] = (),
     loader: LoaderOptions | None = None,
     preprocessing: PreprocessingOptions | None = None,
     data_config_from: int = 0,
@@ -185,7 +212,8 @@ def prepare(
         data: the data options; ``parts`` names what to open: ``"train"`` (the training split, checked and
             counted; loaders re-open it with their augmentation), ``"select"`` (the select part of the
             validation split) or a split spec such as ``"val:report"`` (``eval``).
-        outputs: places the command writes, checked before any model is loaded.
+        outputs: places the command writes, checked before any model is loaded: none may be, hold or lie in
+            an input (the models, the data, the class map, and ``inputs``: other files the command reads).
         data_config_from: the model whose preprocessing the data gets (the others are fed the same images).
         label_names: align the data's classes to the model's label names (off for ``--valid-labels``).
         data_classes: maps the model's class count to the class count the data must have (``--valid-labels``
@@ -193,7 +221,7 @@ def prepare(
         sources: indexed splits to reuse (several models, one scan) and fill.
     """
     loader = loader or LoaderOptions()
-    check_outputs(outputs, overwrite)
+    check_outputs(outputs, overwrite, inputs=[*specs, data.data, data.class_map, *inputs])
     device = resolve_device(loader.device)
     models = [load(spec).to(device) for spec in specs]
     check_label_space(specs, models)

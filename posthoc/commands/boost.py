@@ -57,7 +57,7 @@ def default_out(specs: list[str], method: str) -> Path:
 
 def runner_outputs(cfg: Any) -> list[Output]:
     """Files a method's options ask it to write besides the artifact (checked writable before any work)."""
-    return [Output(Path(v), "output file") for k, v in vars(cfg).items() if k.startswith("save_") and v]
+    return [Output(Path(v), "output file", replace=True) for k, v in vars(cfg).items() if k.startswith("save_") and v]
 
 
 def load_checkpoint(spec: str, arch: str | None = None, num_classes: int | None = None, warn=None) -> nn.Module:
@@ -286,7 +286,7 @@ def ensemble_checkpoints(specs: list[str], out: str | Path, *, command: str | No
         raise PosthocError("an ensemble needs at least two models")
     if opts.combine == "coupling":
         raise PosthocError("the coupling rule needs training; use 'posthoc boost ... --method supernet'")
-    check_outputs([Output(Path(output.out))], output.overwrite)
+    check_outputs([Output(Path(output.out))], output.overwrite, inputs=specs)
     arch = groups[ModelOptions].arch
     models = [load_checkpoint(spec, arch) if not is_artifact(spec) else _refuse_artifact(spec) for spec in specs]
     check_label_space(specs, models)

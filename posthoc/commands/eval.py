@@ -94,7 +94,8 @@ def evaluate_spec(
         groups[DataOptions],
         load=load,
         parts=(str(part),),
-        outputs=[Output(Path(opts.results_file), "results file")] if opts.results_file is not None else [],
+        outputs=[Output(Path(opts.results_file), "results file", replace=True)] if opts.results_file is not None else [],
+        inputs=[opts.valid_labels, opts.real_labels, opts.model_list],
         loader=loader,
         preprocessing=groups[PreprocessingOptions],
         label_names=valid is None,
@@ -142,7 +143,7 @@ def evaluate_specs(
     groups = _checked({**options, "data": data, "split": split})
     opts = groups[EvalOptions]
     if opts.results_file is not None:
-        check_outputs([Output(Path(opts.results_file), "results file")])
+        check_outputs([Output(Path(opts.results_file), "results file", replace=True)], inputs=[*specs, data, opts.model_list])
     part = data_mod.SplitSpec.parse(split)
     sources = {part.split: data_mod.open_source(data, part.split)}  # one scan of the split for every model
     rows: list[dict[str, Any]] = []
