@@ -111,6 +111,7 @@ def finish(
     chosen, t, record = choose(
         module, loader, device, _candidates(ensemble, tta, budget, parent), temperature=temperature, log=log
     )
+    record["views"]["tta"] = tta
     result = first_members(ensemble, chosen.members)
     combine = dataclasses.replace(
         result.combine, views=chosen.views, temperature=t if t is not None else result.combine.temperature
