@@ -1,34 +1,40 @@
-"""CIFAR-10 / ResNet-18 accuracy benchmark, following ``benchmarks/PROTOCOL.md``.
+"""CIFAR-10 / ResNet-18 benchmark v2 (benchmarks/PROTOCOL.md): converged parents, the peers every user
+tries first, and a verdict per row.
 
-    python benchmarks/cifar10.py --shared ../shared --out benchmarks/results [--rows parent,deep4,noisy]
+    python benchmarks/cifar10.py                      # both settings, every row (prints the expected time first)
+    python benchmarks/cifar10.py --setting 35ep --rows 'sparse*,flip@s0'   # some rows (shell-style patterns)
 
-Every row is an ordinary ``posthoc`` command line (run as a subprocess, timed), evaluated with
-``posthoc eval ART --split val:report`` (posthoc's ``val:select`` / ``val:report`` parts are exactly
-the protocol's split: sorted paths, ``random.Random(0).shuffle``, first 2,000 select). In the same run the
-script measures one training epoch of the parent over ``train/`` (forward + backward + SGD step, batch
-128) at its start and again at its end (costs use the mean, so a machine that slows down or speeds up
-during the run biases them less), and every artifact's CPU throughput at batch 256 alternating with the
-parent's over a few rounds, so costs read as "parent-epochs" and speeds as ratios.
+Two settings: ``35ep``, the main one (the parents trained 35 epochs, close to converged for their recipe),
+and ``15ep`` (the same parents after 15 epochs, under-trained: part of any training method's gain there is
+plain extra training). Every row is an ordinary ``posthoc`` command line (run as a subprocess and timed),
+scored with ``posthoc eval ART --split val:report`` (posthoc's ``val:select`` / ``val:report`` parts are
+the protocol's split). Methods start from parent s0 and their default rows also from s1. Peers:
+``parent + flip`` (``posthoc eval --tta flip``), temperature scaling (``posthoc calibrate --tta none``),
+``posthoc calibrate --tta auto`` (views and temperature, no training), ``train longer`` (the parent
+fine-tuned as one network with the shared engine's one-cycle schedule: ``boost --method sparse --members 1
+--no-include-parent --child-epochs N --tta none``) with and without the mirror, the deep ensemble of the
+four parents with and without it, SWA and last-layer Laplace (``peers.py``). Every method's default row is
+run with ``--tta auto`` (the default) and ``--tta none``.
 
-Besides posthoc's own rows it runs the alternatives a user would reach for (``peers.py``): temperature
-scaling (``posthoc calibrate``), SWA for one epoch (``torch.optim.swa_utils``) and last-layer Laplace
-(``laplace-torch``, in the ``bench`` extra only), on the same parent and splits. Distillation rows also
-record the share of their teacher's gain over the parent that the student keeps.
+Costs: each row's training wall time over one parent training epoch measured in the same run (at its start
+and at its end, the mean used): "parent-epochs"; a row that only evaluates another row's artifact with
+the mirror carries that row's cost; the deep ensemble costs its parents' epochs by the protocol. FLOPs are
+counted per image against the parent (views and members as they run); time ratios are measured against the
+parent in this process. The verdict (``verdict.py``) names, per parent, the row that dominates each row
+(no more parent-epochs, no more FLOPs, top-1 at least as high, NLL at least as low, better in one), or
+"front".
 
-Columns: metrics on the report part; members; parameters; size; the method's wall time and that time
-in parent-epochs; the artifact's forward FLOPs and its measured forward time at batch 256, both over the
-parent's (the time ratio alternates artifact and parent over rounds and keeps the medians).
-
-Results: ``cifar10_resnet18.json`` (one record per row; rows not run this time keep their last
-record), ``cifar10_resnet18.md`` (the table, also copied into the README between the results
-markers), ``cifar10_reliability.png`` (a reliability curve per row) and ``cifar10_pareto.png``
-(NLL and top-1 gain over the parent against inference time).
+The run is resumable: rows already in a setting's JSON are kept (``--redo`` runs them again), and
+artifacts are kept under ``--cache`` for the rows that evaluate them. Results per setting:
+``cifar10_resnet18[_15ep].json`` (one record per row, with the exact command and the versions),
+``cifar10_resnet18[_15ep].md`` (the table with the verdicts), ``cifar10_pareto[_15ep].png``; the main
+setting's table is copied into the README between the results markers.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import fnmatch
 import json
 import os
 import platform
@@ -37,120 +43,189 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARENT_EPOCHS_OF_PARENT = 15  # benchmarks/PROTOCOL.md: the 15-epoch parents
+SETTINGS = {
+    "35ep": {
+        "prefix": "resnet18_cifar10_35ep_s",
+        "epochs": 35,
+        "suffix": "",
+        "title": "converged parents (35 epochs): the main setting",
+    },
+    "15ep": {"prefix": "resnet18_cifar10_s", "epochs": 15, "suffix": "_15ep", "title": "under-trained parents (15 epochs)"},
+}
+# The sparse rows by training budget (parent-epochs): chosen on the select part of the converged parent
+# s0 (benchmarks/results/sparse_sweep_35ep.md); "default" marks the configuration boost uses without options.
+SPARSE = {
+    2: ["--members", "2", "--child-epochs", "2"],
+    4: [],  # the defaults
+    6: ["--members", "4", "--child-epochs", "2"],
+}
 
 
 @dataclass
 class Row:
-    """One table row: a posthoc command that builds an artifact (None: the parent itself), or a peer."""
+    """One table row: a posthoc command that builds an artifact, an evaluation of one, or a peer."""
 
     key: str
     name: str
-    build: list[str] | None = None
+    parent: int | None  # index of the parent it starts from; None: all four (shared by both comparisons)
+    build: list[str] | None = None  # posthoc arguments that write {out}
+    of: str | None = None  # evaluate this row's artifact (default: the row's own; "parent": the checkpoint)
+    tta: str | None = None  # eval --tta for the row
     peer: str | None = None  # "swa" or "laplace" (peers.py)
-    nominal_parent_epochs: float | None = None  # cost fixed by the protocol instead of measured
-    base_parent_epochs: float = 0.0  # training the row's inputs costs this much on top of the build
-    teacher: str | None = None  # distillation: the row whose artifact taught this one
+    nominal_parent_epochs: float | None = None  # training cost fixed by the protocol
+    base_parent_epochs: float = 0.0  # training of the row's inputs, on top of its own
+    estimate: float = 0.0  # expected parent-epochs of its own work (for the printed estimate)
+    teacher: str | None = None  # distillation: the row whose artifact teaches
+    of_cost: str | None = None  # a row whose cost this one carries (it reuses that row's trained members)
+    default: bool = False  # a method's default row
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
-def rows(parents: list[str]) -> list[Row]:
-    """The benchmark's rows; ``{data}``, ``{out}`` and ``{runs}`` are filled in at run time."""
-    p0 = parents[0]
+def without_views(key: str, name: str, parent: int) -> Row:
+    """The row ``key``'s members with the image alone: boost's last step again with ``--tta none`` (``posthoc
+    calibrate --tta none --temperature auto``, boost's temperature rule); the same seed gives ``boost --tta none``
+    the same members (tests/test_views.py), so its cost is ``key``'s."""
+    base, _, at = key.partition("@")
+    command = ["calibrate", "{runs}/" + key, "--data", "{data}", "--out", "{out}", "--overwrite", "--tta", "none"]
+    return Row(
+        f"{base}-none@{at}", name, parent, [*command, "--temperature", "auto"], of_cost=key, notes=f"{key}'s members, views none"
+    )
+
+
+def rows(setting: str, parents: list[str]) -> list[Row]:
+    """Every row of a setting; ``{data}``, ``{out}`` and ``{runs}`` are filled in at run time."""
+    epochs = SETTINGS[setting]["epochs"]
     common = ["--data", "{data}", "--out", "{out}", "--overwrite", "--no-progress"]
-
-    def boost(method: str, *flags: str) -> list[str]:
-        return ["boost", p0, "--method", method, *common, *flags]
-
-    def distill(teacher: str, epochs: str) -> list[str]:
-        return ["distill", "{runs}/" + teacher, *common, "--epochs", epochs]
-
-    return [
-        Row("parent", "parent", nominal_parent_epochs=0.0, notes="s0 as trained (15 epochs)"),
+    out: list[Row] = [
         Row(
             "deep4",
             "deep ensemble (4)",
+            None,
             ["ensemble", *parents, "--out", "{out}", "--overwrite"],
-            nominal_parent_epochs=4 * PARENT_EPOCHS_OF_PARENT,
-            notes="s0..s3, probability mean; cost = 4 x 15 epochs",
+            nominal_parent_epochs=4 * epochs,
+            notes=f"s0..s3, probability mean; cost = 4 x {epochs} epochs",
         ),
-        Row(
-            "tscale",
-            "temperature scaling (posthoc calibrate)",
-            ["calibrate", p0, *common[:-1]],
-            notes="peer: one temperature fitted on the select part",
-        ),
-        Row("swa", "SWA 1 epoch (torch swa_utils)", peer="swa", notes="peer: 10 snapshots of one epoch at lr 0.01, update_bn"),
-        Row(
-            "laplace",
-            "last-layer Laplace (laplace-torch)",
-            peer="laplace",
-            notes="peer: KFAC, prior precision by marginal likelihood, probit predictive",
-        ),
-        Row("noisy", "noisy", boost("noisy"), notes="defaults"),
-        Row("noisy-b15", "noisy --inference-budget 1.5", boost("noisy", "--inference-budget", "1.5")),
-        Row("resample", "resample", boost("resample"), notes="defaults: the mean model"),
-        Row("resample-k8", "resample --members 8", boost("resample", "--members", "8"), notes="8 Gaussian draws"),
-        Row("resample-b1", "resample --inference-budget 1.0", boost("resample", "--inference-budget", "1.0")),
-        Row("lastlayer", "lastlayer", boost("lastlayer"), notes="defaults"),
-        Row("supernet", "supernet (s0)", boost("supernet"), notes="4 copies of s0 with retrained last layers, coupled"),
-        Row(
-            "supernet4",
-            "supernet (s0..s3)",
-            ["boost", *parents, "--method", "supernet", *common],
-            base_parent_epochs=4 * PARENT_EPOCHS_OF_PARENT,
-            notes="couples the deep ensemble's four parents; cost includes their 4 x 15 training epochs",
-        ),
-        Row("sparse", "sparse", boost("sparse"), notes="defaults"),
-        Row("sparse-s1", "sparse --seed 1", boost("sparse", "--seed", "1"), notes="defaults, second seed"),
-        Row(
-            "sparse-pruned",
-            "sparse --keep 0.5",
-            boost("sparse", "--keep", "0.5"),
-            notes="partitioned halves, the thesis's recipe",
-        ),
-        Row(
-            "sparse-anneal",
-            "sparse --keep 0.5 --anneal temperature --anneal-epochs 1",
-            boost("sparse", "--keep", "0.5", "--anneal", "temperature", "--anneal-epochs", "1"),
-        ),
-        Row("sparse-couple", "sparse --couple --members 2", boost("sparse", "--couple", "--no-include-parent", "--members", "2")),
-        Row(
-            "distill-deep4-1",
-            "distill deep ensemble (4), 1 epoch",
-            distill("deep4", "1"),
-            teacher="deep4",
-            notes="student s0; the cost is the distillation's (the teacher's 4 x 15 training epochs are not included)",
-        ),
-        Row(
-            "distill-deep4-2",
-            "distill deep ensemble (4), 2 epochs",
-            distill("deep4", "2"),
-            teacher="deep4",
-            notes="student s0; the cost is the distillation's (the teacher's 4 x 15 training epochs are not included)",
-        ),
-        Row(
-            "distill-sparse-1",
-            "distill sparse, 1 epoch",
-            distill("sparse", "1"),
-            teacher="sparse",
-            notes="student s0; the cost is the distillation's (building the sparse teacher is the sparse row)",
-        ),
-        Row(
-            "distill-sparse-2",
-            "distill sparse, 2 epochs",
-            distill("sparse", "2"),
-            teacher="sparse",
-            notes="student s0; the cost is the distillation's (building the sparse teacher is the sparse row)",
-        ),
+        Row("deep4+flip", "deep ensemble (4) + flip", None, of="deep4", tta="flip"),
     ]
+    for p in (0, 1):
+        s, spec = f"@s{p}", parents[p]
+
+        def boost(method: str, *flags: str, spec=spec) -> list[str]:
+            return ["boost", spec, "--method", method, *common, *flags]
+
+        out += [
+            Row(f"parent{s}", "parent", p, of="parent", nominal_parent_epochs=0.0, notes=f"s{p} as trained ({epochs} epochs)"),
+            Row(
+                f"flip{s}",
+                "parent + flip",
+                p,
+                of="parent",
+                tta="flip",
+                nominal_parent_epochs=0.0,
+                notes="posthoc eval --tta flip",
+            ),
+            Row(
+                f"tscale{s}",
+                "temperature scaling",
+                p,
+                ["calibrate", spec, *common[:-1], "--tta", "none"],
+                notes="posthoc calibrate --tta none",
+            ),
+            Row(
+                f"calib{s}",
+                "posthoc calibrate (views + temperature)",
+                p,
+                ["calibrate", spec, *common[:-1]],
+                notes="--tta auto: no training",
+            ),
+        ]
+        if setting != "35ep" and p == 1:
+            continue  # the under-trained setting: parent s1 for the peers without training only
+        for n in (1, 2, 4):
+            longer = boost("sparse", "--members", "1", "--no-include-parent", "--child-epochs", str(n), "--tta", "none")
+            out += [
+                Row(
+                    f"longer{n}{s}",
+                    f"train longer {n} epoch{'s' * (n > 1)}",
+                    p,
+                    longer,
+                    estimate=n,
+                    notes="one network: the parent fine-tuned with the one-cycle schedule (max-lr 0.05)",
+                ),
+                Row(f"longer{n}+flip{s}", f"train longer {n} epoch{'s' * (n > 1)} + flip", p, of=f"longer{n}{s}", tta="flip"),
+            ]
+        if p == 0:
+            out += [
+                Row(
+                    f"swa{s}",
+                    "SWA 1 epoch (torch swa_utils)",
+                    p,
+                    peer="swa",
+                    estimate=1.3,
+                    notes="10 snapshots of one epoch at lr 0.01, update_bn",
+                ),
+                Row(
+                    f"laplace{s}",
+                    "last-layer Laplace (laplace-torch)",
+                    p,
+                    peer="laplace",
+                    estimate=0.5,
+                    notes="KFAC, prior precision by marginal likelihood, probit predictive",
+                ),
+            ]
+        for method, estimate in (("noisy", 0.7), ("resample", 1.1), ("lastlayer", 1.2), ("supernet", 3.7)):
+            out += [
+                Row(f"{method}{s}", method, p, boost(method), estimate=estimate, default=True, notes="defaults (--tta auto)"),
+                without_views(f"{method}{s}", f"{method} --tta none", p),
+            ]
+        for budget, flags in SPARSE.items() if setting == "35ep" else [(4, SPARSE[4])]:
+            name = "sparse" if not flags else f"sparse {' '.join(flags)}"
+            label = f"sparse{budget}"
+            out += [
+                Row(
+                    f"{label}{s}",
+                    f"{name} ({budget} parent-epochs)",
+                    p,
+                    boost("sparse", *flags),
+                    estimate=budget,
+                    default=not flags,
+                    notes="defaults (--tta auto)" if not flags else "--tta auto",
+                ),
+                without_views(f"{label}{s}", f"{name} --tta none ({budget} parent-epochs)", p),
+            ]
+        out += [
+            Row(
+                f"distill{s}",
+                "distill sparse (defaults)",
+                p,
+                ["distill", "{runs}/" + f"sparse4{s}", *common],
+                teacher=f"sparse4{s}",
+                estimate=2.0,
+                notes="student: the parent; teacher: the sparse default artifact; its cost includes the teacher's",
+            ),
+        ]
+        if p == 0 and setting == "35ep":
+            out += [
+                Row(
+                    f"noisy-b15{s}", "noisy --inference-budget 1.5", p, boost("noisy", "--inference-budget", "1.5"), estimate=0.4
+                ),
+                Row(
+                    f"supernet4{s}",
+                    "supernet (s0..s3)",
+                    None,
+                    ["boost", *parents, "--method", "supernet", *common],
+                    base_parent_epochs=4 * epochs,
+                    estimate=1.0,
+                    notes=f"couples the four parents; cost includes their 4 x {epochs} epochs",
+                ),
+            ]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -174,8 +249,10 @@ def prepare_data(shared: Path, cache: Path) -> Path:
 
 # ----------------------------------------------------------------------------------- measurements
 def parent_epoch_seconds(parent: str, data: Path, steps: int = 100) -> float:
-    """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as benchmarks/PROTOCOL.md says:
+    """Wall time of one training epoch of the parent over train/ (batch 128, SGD), as the protocol says:
     the first ``steps`` batches after two warm-up steps, timed and scaled to the epoch's length."""
+    import itertools
+
     from posthoc import load_model
     from posthoc.data import make_loader, open_split, resolve_data_config, train_transform
     from posthoc.training import sgd_with_schedule, train_steps
@@ -203,72 +280,99 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def score(target: str, data: Path, tta: str | None, log_stem: Path) -> dict:
+    """``posthoc eval TARGET --split val:report`` (with ``--tta``), its results file read back."""
+    out = log_stem.with_suffix(".eval.json")
+    args = ["eval", target, "--data", str(data), "--split", "val:report", "--results-file", str(out), "--no-progress"]
+    run([*args, *(["--tta", tta] if tta else [])], log_stem.with_suffix(".eval.log"))
+    return json.loads(out.read_text())
+
+
+def module_of(target: str, tta: str | None):
+    """The module ``posthoc eval`` scores for ``target`` (with ``tta``), for FLOPs and time."""
+    from posthoc import load_model
+    from posthoc.calibration import with_views
+    from posthoc.views import views_of
+
+    module = load_model(target)
+    return with_views(module, views_of(tta)) if tta else module
+
+
 # ---------------------------------------------------------------------------------------- output
-def write_table(records: list[dict], path: Path) -> str:
+def write_table(setting: str, records: list[dict], path: Path, machine: str) -> str:
+    """The markdown table with the verdicts, parent s0's comparison first."""
     head = (
-        "| row | top-1 (%) | NLL | ECE (%) | Brier | members | params (M) | MB | cost (s) | parent-epochs | "
-        "FLOPs (x parent) | inference time (x parent) |"
+        "| row | parent | top-1 (%) | NLL | ECE (%) | Brier | members | views | parent-epochs | FLOPs (x parent) | "
+        "time (x parent) | dominated by |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    names = {r["key"]: r["name"] for r in records}
+    for r in sorted(records, key=lambda r: (r["group"], r["order"])):
         m = r["metrics"]
-        mb = f"{r['artifact_mb']:.1f}" if r.get("artifact_mb") is not None else "-"
         flops = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") is not None else "-"
+        verdict = "**front**" if r["dominated_by"] is None else names.get(r["dominated_by"], r["dominated_by"])
         lines.append(
-            f"| {r['name']} | {m['top1']:.2f} | {m['nll']:.4f} | {m['ece']:.2f} | {m['brier']:.4f} | {r['members']} | "
-            f"{r['params_m']:.1f} | {mb} | {r['wall_seconds']:.0f} | {r['parent_epochs']:.2f} | {flops} | {r['time_ratio']:.2f} |"
+            f"| {r['name']} | {r['parent_label']} | {m['top1']:.2f} | {m['nll']:.4f} | {m['ece']:.2f} | {m['brier']:.4f} | "
+            f"{r['members']} | {r['views']} | {r['parent_epochs']:.2f} | {flops} | {r['time_ratio']:.2f} | {verdict} |"
         )
     table = "\n".join(lines)
+    title = SETTINGS[setting]["title"]
     first = records[0] if records else {}
-    kept = [r for r in records if r.get("kept_share")]
-    shares = "".join(
-        f"\n- {r['name']}: keeps {100 * r['kept_share']['top1']:.0f}% of its teacher's top-1 gain over the parent and "
-        f"{100 * r['kept_share']['nll']:.0f}% of its NLL gain."
-        for r in kept
-    )
     text = (
-        "# CIFAR-10, ResNet-18 parents (protocol: benchmarks/PROTOCOL.md)\n\n"
-        "Metrics on the 3,000-image **report** part of `val/`; everything was tuned on the 2,000-image select part.\n"
-        "Cost: the method's wall time, and that time over one parent training epoch measured in the same run "
-        "(deep ensemble: 4 x 15 training epochs, by the protocol). FLOPs: forward FLOPs per image over the parent's. "
-        "Inference time: forward time at batch 256 on this CPU over the parent's, measured alternately in the same run.\n\n"
+        f"# CIFAR-10, ResNet-18: {title}\n\n"
+        "Protocol: `benchmarks/PROTOCOL.md`. Metrics on the 3,000-image **report** part of `val/`; every choice was "
+        "made on the 2,000-image select part. About +-0.3 top-1 is noise on 3,000 images. Parent-epochs: the row's "
+        "training wall time over one parent training epoch measured in the same run (the deep ensemble: its parents' "
+        "epochs). FLOPs: forward FLOPs per image over the parent's, views and members as they run. Time: forward "
+        "time at batch 256 on this CPU over the parent's. *Dominated by*: a row of the same parent (or the shared "
+        "deep ensemble) with no more parent-epochs, no more FLOPs, top-1 at least as high and NLL at least as low, "
+        "better in one; **front** where none is.\n\n"
         f"{table}\n\n"
-        + (f"Distillation:{shares}\n\n" if kept else "")
-        + f"Machine: {first.get('machine', '?')}; torch {first.get('torch', '?')}, timm {first.get('timm', '?')}; "
-        f"one parent epoch = {first.get('parent_epoch_seconds', float('nan')):.1f} s in the run that produced each row "
-        "(per-row values in the JSON).\n"
+        f"Machine: {machine}; torch {first.get('torch', '?')}, timm {first.get('timm', '?')}; one parent epoch = "
+        f"{first.get('parent_epoch_seconds', float('nan')):.1f} s in the run that produced each row (per-row values in the JSON).\n"
     )
     path.write_text(text)
     return table
 
 
-def plot_pareto(records: list[dict], path: Path) -> None:
-    """Gain over the parent (NLL down, top-1 up) against inference time, one point per row."""
+def plot_pareto(setting: str, records: list[dict], path: Path) -> None:
+    """Top-1 and NLL against FLOPs for each parent's comparison; the front filled, dominated rows hollow,
+    colour by training cost."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parent = next((r for r in records if r["key"] == "parent"), None)
-    if parent is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, key, sign, label in (
-        (axes[0], "nll", -1, "NLL decrease vs parent"),
-        (axes[1], "top1", 1, "top-1 gain vs parent (points)"),
-    ):
-        for r in records:
-            if r["key"] == "parent":
-                continue
-            gain = sign * (r["metrics"][key] - parent["metrics"][key])
-            ax.scatter(r["time_ratio"], gain, s=18)
-            ax.annotate(r["name"], (r["time_ratio"], gain), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.axhline(0, color="0.6", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("inference time (x parent, CPU, batch 256)")
-        ax.set_ylabel(label)
-    fig.suptitle("CIFAR-10 report split: gain against inference cost (the deep ensemble costs 60 parent-epochs to train)")
-    fig.tight_layout()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for col, p in enumerate((0, 1)):
+        mine = [r for r in records if r["parent"] in (p, None) and r.get("flops_ratio") is not None]
+        for row, (key, label) in enumerate((("top1", "top-1 (%)"), ("nll", "NLL"))):
+            ax = axes[row][col]
+            for r in mine:
+                pe = r["parent_epochs"]
+                color = "tab:green" if pe < 0.1 else "tab:blue" if pe <= 1.5 else "tab:orange" if pe <= 6 else "tab:red"
+                front = r["dominated_by"] is None
+                ax.scatter(r["flops_ratio"], r["metrics"][key], s=36, color=color, facecolors=color if front else "none")
+                if front:
+                    ax.annotate(
+                        r["name"], (r["flops_ratio"], r["metrics"][key]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+                    )
+            ax.set_xscale("log")
+            ax.set_xlabel("inference FLOPs (x parent)")
+            ax.set_ylabel(label)
+            ax.set_title(f"parent s{p}: filled = front (labelled), hollow = dominated", fontsize=9)
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=c, label=t)
+        for c, t in (
+            ("tab:green", "no training"),
+            ("tab:blue", "<= 1.5 parent-epochs"),
+            ("tab:orange", "<= 6"),
+            ("tab:red", "> 6"),
+        )
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8)
+    fig.suptitle(f"CIFAR-10 report part, {SETTINGS[setting]['title']}", y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=120)
 
 
@@ -282,116 +386,92 @@ def update_readme(table: str) -> None:
         readme.write_text(f"{before}{start}\n{table}\n{end}{after}")
 
 
-def plot_reliability(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
-    for r in records:
-        bins = [b for b in r.get("reliability", []) if b["count"] > 0]
-        if bins:
-            ax.plot(
-                [b["confidence"] for b in bins],
-                [b["accuracy"] for b in bins],
-                marker="o",
-                markersize=3,
-                label=f"{r['name']} (ECE {r['metrics']['ece']:.2f}%)",
-            )
-    ax.set_xlabel("confidence (top-1 probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("CIFAR-10 report split: reliability")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
-    ap.add_argument("--rows", default="all", help="comma-separated row keys, or 'all'")
+    ap.add_argument("--setting", default="35ep,15ep", help="comma-separated settings: 35ep (main), 15ep")
+    ap.add_argument("--rows", default="*", help="comma-separated row keys or shell-style patterns (default: all)")
+    ap.add_argument("--redo", action="store_true", help="run rows again that the results already hold")
+    ap.add_argument("--dry-run", action="store_true", help="print the rows to run and the expected time, run nothing")
     args = ap.parse_args()
 
+    data = prepare_data(args.shared, args.cache)
+    for setting in args.setting.split(","):
+        run_setting(setting, args, data)
+
+
+def run_setting(setting: str, args, data: Path) -> None:
     import peers
     import timm
+    from verdict import verdicts
 
     import posthoc
-    from posthoc import load, load_model
+    from posthoc import load_model
     from posthoc.cost import flops_ratio, time_ratio
     from posthoc.paths import size_mb
 
-    parents = [str(args.shared / "parents" / f"resnet18_cifar10_s{i}") for i in range(4)]
-    all_rows = rows(parents)
-    wanted = [r for r in all_rows if args.rows == "all" or r.key in args.rows.split(",")]
-    unknown = set(args.rows.split(",")) - {r.key for r in all_rows} - {"all"}
-    if unknown:
-        raise SystemExit(f"unknown rows {sorted(unknown)}; known: {', '.join(r.key for r in all_rows)}")
-    data = prepare_data(args.shared, args.cache)
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = args.cache / "runs"
-    work.mkdir(parents=True, exist_ok=True)
-
-    print("measuring one parent training epoch ...", flush=True)
-    epoch_s = parent_epoch_seconds(parents[0], data)
-    print(f"  {epoch_s:.1f} s", flush=True)
-    parent_model = load_model(parents[0])
-    parent_result = {"param_count": round(sum(p.numel() for p in parent_model.parameters()) / 1e6, 2)}
-
-    results_file = args.out / "cifar10_resnet18.json"
+    spec = SETTINGS[setting]
+    parents = [str(args.shared / "parents" / f"{spec['prefix']}{i}") for i in range(4)]
+    all_rows = rows(setting, parents)
+    patterns = args.rows.split(",")
+    results_file = args.out / f"cifar10_resnet18{spec['suffix']}.json"
     previous = {r["key"]: r for r in json.loads(results_file.read_text())} if results_file.exists() else {}
+    wanted = [r for r in all_rows if any(fnmatch.fnmatch(r.key, p) for p in patterns) and (args.redo or r.key not in previous)]
+    work = args.cache / "runs" / setting
+    work.mkdir(parents=True, exist_ok=True)
+    known = [r["parent_epoch_seconds"] for r in previous.values()]
+    epoch_s = known[-1] if args.dry_run and known else (80.0 if args.dry_run else parent_epoch_seconds(parents[0], data))
+    expected = sum(r.estimate for r in wanted)
+    print(
+        f"[{setting}] {len(wanted)} rows to run ({len(previous)} kept): about {expected:.0f} parent-epochs of training "
+        f"x {epoch_s:.0f} s = {expected * epoch_s / 3600:.1f} h, plus about {len(wanted) * 0.5:.0f} min of evaluation",
+        flush=True,
+    )
+    if args.dry_run:
+        for r in wanted:
+            print(f"  {r.key}: {r.name}")
+        return
+    parent_models = {p: load_model(parents[p]) for p in (0, 1)}
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+    by_key = {r.key: r for r in all_rows}
     for row in wanted:
-        print(f"row {row.name} ...", flush=True)
+        print(f"row {row.key}: {row.name} ...", flush=True)
         art = work / row.key
-        cmd, result = None, None
+        p = row.parent if row.parent is not None else 0
+        parent_model = parent_models[p]
+        command, wall, module, result = None, 0.0, None, None
         if row.peer == "laplace":
-            fit = peers.laplace(parents[0], data)
-            wall, target, ratio = fit["seconds"], None, fit["time_ratio"]
-            result = {**fit["metrics"], "reliability": fit["reliability"], "param_count": parent_result["param_count"]}
-            cmd = f"laplace-torch on {parents[0]} (benchmarks/peers.py)"
-        elif row.peer == "swa":
-            wall, target = peers.swa(parents[0], data, art), str(art)
-            cmd = f"torch.optim.swa_utils on {parents[0]} (benchmarks/peers.py)"
-        elif row.build is None:
-            target, wall = parents[0], 0.0
+            fit = peers.laplace(parents[p], data)
+            wall, result = fit["seconds"], {**fit["metrics"], "reliability": fit["reliability"], "members": 1}
+            ratio, flops = fit["time_ratio"], fit["flops_ratio"]
+            command = f"laplace-torch on {parents[p]} (benchmarks/peers.py)"
         else:
-            argv = [a.format(data=data, out=art, runs=work) for a in row.build]
-            wall = run(argv, work / f"{row.key}.build.log")
-            target, cmd = str(art), "posthoc " + shlex.join(argv)
-        if result is None:
-            result_json = work / f"{row.key}.eval.json"
-            run(
-                [
-                    "eval",
-                    target,
-                    "--data",
-                    str(data),
-                    "--split",
-                    "val:report",
-                    "--results-file",
-                    str(result_json),
-                    "--no-progress",
-                ],
-                work / f"{row.key}.eval.log",
-            )
-            result = json.loads(result_json.read_text())
-            module = load(art) if row.build is not None else (load_model(target) if target != parents[0] else None)
-            ratio = time_ratio(module, parent_model, batch=256) if module is not None else 1.0
-        if row.key == "parent":
-            parent_result = result
-        is_artifact = row.build is not None and row.peer is None
-        cost = row.nominal_parent_epochs if row.nominal_parent_epochs is not None else row.base_parent_epochs + wall / epoch_s
+            if row.peer == "swa":
+                wall = peers.swa(parents[p], data, art)
+                target, command = str(art), f"torch.optim.swa_utils on {parents[p]} (benchmarks/peers.py)"
+            elif row.build is not None:
+                argv = [a.format(data=data, out=art, runs=work) for a in row.build]
+                wall = run(argv, work / f"{row.key}.build.log")
+                target, command = str(art), "posthoc " + shlex.join(argv)
+            else:
+                target = parents[p] if row.of == "parent" else str(work / row.of)
+                if not Path(target).exists():
+                    raise SystemExit(f"row {row.key} evaluates {row.of}, which has no artifact in {work}; run that row first")
+                command = f"posthoc eval {target}" + (f" --tta {row.tta}" if row.tta else "")
+            result = score(target, data, row.tta, work / row.key)
+            module = module_of(target, row.tta)
+            ratio = time_ratio(module, parent_model, batch=256)
+            flops = flops_ratio(module, parent_model)
+        source = by_key.get(row.of) if row.of not in (None, "parent") else None
         previous[row.key] = {
             "key": row.key,
             "name": row.name,
-            "command": cmd or f"posthoc eval {parents[0]} (no build)",
+            "parent": row.parent,
+            "parent_label": f"s{row.parent}" if row.parent is not None else "s0..s3",
+            "command": command,
             "notes": row.notes,
             "package": fit["package"]
             if row.peer == "laplace"
@@ -400,62 +480,89 @@ def main() -> None:
             "member_top1": result.get("member_top1"),
             "disagreement": result.get("disagreement"),
             "members": result.get("members", 1),
-            "params_m": result["param_count"],
-            "artifact_mb": size_mb(art)
-            if is_artifact or row.peer == "swa"
-            else (size_mb(parents[0]) if row.build is None and row.peer is None else None),
+            "views": len(getattr(module, "views", ("identity",))) if module is not None else 1,
+            "params_m": result.get("param_count"),
+            "artifact_mb": size_mb(art) if art.exists() else None,
             "wall_seconds": round(wall, 1),
+            "own_parent_epochs": row.nominal_parent_epochs if row.nominal_parent_epochs is not None else None,
+            "base_parent_epochs": row.base_parent_epochs,
+            "cost_from": row.of if source is not None else (row.teacher or row.of_cost),
             "parent_epoch_seconds": round(epoch_s, 2),
-            "parent_epochs": round(cost, 3),
-            "flops_ratio": round(flops_ratio(load(art), parent_model), 3)
-            if is_artifact
-            else (1.0 if row.peer != "laplace" else None),
+            "flops_ratio": round(flops, 4) if flops is not None else None,
             "time_ratio": round(ratio, 3),
-            "temperature": (
-                json.loads((art / "config.json").read_text())["method"]["measured"].get("temperature") if is_artifact else None
-            ),
-            "reliability": result["reliability"],
+            "reliability": result.get("reliability"),
             "torch": torch.__version__,
             "timm": timm.__version__,
             "machine": machine,
         }
-        if row.teacher and row.teacher in previous and "parent" in previous:
-            t, p, s_ = previous[row.teacher]["metrics"], previous["parent"]["metrics"], previous[row.key]["metrics"]
-            previous[row.key]["kept_share"] = {
-                "top1": round((s_["top1"] - p["top1"]) / (t["top1"] - p["top1"]), 3) if t["top1"] != p["top1"] else None,
-                "nll": round((p["nll"] - s_["nll"]) / (p["nll"] - t["nll"]), 3) if t["nll"] != p["nll"] else None,
-            }
+        finish_costs(previous, all_rows, epoch_s)
+        results_file.write_text(json.dumps(ordered(previous, all_rows), indent=1) + "\n")
         m = previous[row.key]["metrics"]
         print(
-            f"  top-1 {m['top1']:.2f}  NLL {m['nll']:.4f}  ECE {m['ece']:.2f}  cost {cost:.2f} parent-epochs  "
-            f"inference time x{ratio:.2f}",
+            f"  top-1 {m['top1']:.2f}  NLL {m['nll']:.4f}  {previous[row.key]['parent_epochs']:.2f} parent-epochs  FLOPs x{flops or 0:.2f}",
             flush=True,
         )
-        results_file.write_text(json.dumps(list(_ordered(previous, all_rows)), indent=1) + "\n")
-
-    if any(r.build is not None and r.nominal_parent_epochs is None for r in wanted):
-        print("measuring one parent training epoch again ...", flush=True)
+    if wanted:
         second = parent_epoch_seconds(parents[0], data)
         mean_s = (epoch_s + second) / 2
-        print(f"  {second:.1f} s; costs use the mean, {mean_s:.1f} s", flush=True)
+        print(f"one parent epoch: {epoch_s:.1f} s at the start, {second:.1f} s at the end; costs use the mean", flush=True)
         for row in wanted:
-            rec = previous[row.key]
-            rec["parent_epoch_seconds"] = round(mean_s, 2)
-            rec["parent_epoch_seconds_start_end"] = [round(epoch_s, 2), round(second, 2)]
-            if (row.build is not None or row.peer) and row.nominal_parent_epochs is None:
-                rec["parent_epochs"] = round(row.base_parent_epochs + rec["wall_seconds"] / mean_s, 3)
-        results_file.write_text(json.dumps(list(_ordered(previous, all_rows)), indent=1) + "\n")
-    records = list(_ordered(previous, all_rows))
-    table = write_table(records, args.out / "cifar10_resnet18.md")
-    plot_reliability(records, args.out / "cifar10_reliability.png")
-    plot_pareto(records, args.out / "cifar10_pareto.png")
-    update_readme(table)
+            previous[row.key]["parent_epoch_seconds"] = round(mean_s, 2)
+            previous[row.key]["parent_epoch_seconds_start_end"] = [round(epoch_s, 2), round(second, 2)]
+        finish_costs(previous, all_rows, None)
+    records = ordered(previous, all_rows)
+    for p in (0, 1):
+        group = [r for r in records if r["parent"] in (p, None)]
+        for key, beaten_by in verdicts(group).items():
+            if previous[key]["parent"] == p or (previous[key]["parent"] is None and p == 0):
+                previous[key]["dominated_by"] = beaten_by
+    for order, r in enumerate(records):
+        r["order"], r["group"] = order, {0: 0, None: 0, 1: 1}[r["parent"]]
+    results_file.write_text(json.dumps(records, indent=1) + "\n")
+    machine = records[0]["machine"] if records else ""
+    table = write_table(setting, records, args.out / f"cifar10_resnet18{spec['suffix']}.md", machine)
+    plot_pareto(setting, records, args.out / f"cifar10_pareto{spec['suffix']}.png")
+    if setting == "35ep":
+        update_readme(readme_table(records))
     print(table)
 
 
-def _ordered(records: dict, all_rows: list[Row]):
+def finish_costs(previous: dict, all_rows: list[Row], epoch_s: float | None) -> None:
+    """Every record's parent-epochs: its own wall time over the parent epoch (or the protocol's figure), plus its
+    inputs', plus the row it evaluates or learns from."""
+    for rec in previous.values():
+        seconds = epoch_s or rec["parent_epoch_seconds"]
+        own = rec["own_parent_epochs"] if rec["own_parent_epochs"] is not None else rec["wall_seconds"] / seconds
+        rec["_own"] = rec["base_parent_epochs"] + own
+    for rec in previous.values():
+        total, seen, source = rec["_own"], {rec["key"]}, rec.get("cost_from")
+        while source in previous and source not in seen:
+            total += previous[source]["_own"]
+            seen.add(source)
+            source = previous[source].get("cost_from")
+        rec["parent_epochs"] = round(total, 3)
+    for rec in previous.values():
+        rec.pop("_own", None)
+
+
+def readme_table(records: list[dict]) -> str:
+    """The README's table: parent s0's comparison (and the shared rows), the verdict column first."""
+    names = {r["key"]: r["name"] for r in records}
+    lines = ["| row | top-1 (%) | NLL | parent-epochs | FLOPs (x parent) | dominated by |", "|---|---:|---:|---:|---:|---|"]
+    for r in records:
+        if r["parent"] not in (0, None):
+            continue
+        verdict = "**front**" if r.get("dominated_by") is None else names.get(r["dominated_by"], "?")
+        flops = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['metrics']['top1']:.2f} | {r['metrics']['nll']:.4f} | {r['parent_epochs']:.2f} | {flops} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def ordered(records: dict, all_rows: list[Row]) -> list[dict]:
     keys = [r.key for r in all_rows]
-    return (records[k] for k in keys if k in records)  # rows no longer defined are dropped
+    return [records[k] for k in keys if k in records]  # rows no longer defined are dropped
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
   training images, prior precision by marginal likelihood, probit predictive), scored here on the
   report part with posthoc's metrics, since its predictive is not a network posthoc can store.
 
-``temperature scaling`` needs no code here: it is ``posthoc calibrate``.
+``temperature scaling`` needs no code here: it is ``posthoc calibrate --tta none``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def laplace(parent: str, data: Path, select_size: int | None = None) -> dict:
     from laplace import Laplace
 
     from posthoc import load_model
-    from posthoc.cost import time_ratio
+    from posthoc.cost import flops_ratio, time_ratio
     from posthoc.data import eval_transform, make_loader, open_split, resolve_data_config
     from posthoc.metrics import ClassificationMetrics
 
@@ -86,6 +86,7 @@ def laplace(parent: str, data: Path, select_size: int | None = None) -> dict:
         "reliability": metrics.reliability(),
         "seconds": seconds,
         "time_ratio": time_ratio(Predictive(), model, batch=256),
+        "flops_ratio": flops_ratio(Predictive(), model),  # the network once, plus the last layer's covariance
         "images": metrics.count,
         "package": f"laplace-torch {version('laplace-torch')}",
     }

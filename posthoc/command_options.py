@@ -135,8 +135,22 @@ EVAL = CommandOptions(
 
 
 # ------------------------------------------------------------------------------------ calibrate
+@dataclass
+class CalibrateOptions(Options):
+    """The temperature."""
+
+    panel: ClassVar[str] = "Calibration"
+
+    temperature: str = option(
+        "on",
+        "on: fit one temperature on the select part; auto: keep it only where it lowers the two-fold cross-validated "
+        "select NLL (boost's rule); off: none.",
+        choices=("on", "auto", "off"),
+    )
+
+
 CALIBRATE = CommandOptions(
-    groups=(DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions, ViewOptions),
+    groups=(CalibrateOptions, DataOptions, PreprocessingOptions, ModelOptions, LoaderOptions, OutputOptions, ViewOptions),
     exclude=frozenset({"train_split", "num_classes", "batch_size", "progress"}),
     defaults=(("out", REQUIRED),),
 )

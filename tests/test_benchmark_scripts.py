@@ -53,3 +53,42 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "no CUDA GPU on this machine: nothing measured" in r.stdout and not (tmp_path / "out").exists()
+
+
+def _verdict():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import verdict
+    finally:
+        sys.path.pop(0)
+    return verdict
+
+
+def _row(key, pe, flops, top1, nll):
+    return {"key": key, "parent_epochs": pe, "flops_ratio": flops, "top1": top1, "nll": nll}
+
+
+def test_domination_rule_on_a_made_up_table():
+    v = _verdict()
+    table = [
+        _row("parent", 0, 1, 80.0, 0.60),
+        _row("flip", 0, 2, 81.0, 0.55),  # more FLOPs: not comparable with the parent, better otherwise
+        _row("tie", 0, 1, 80.0, 0.60),  # equal in all four to the parent: neither dominates
+        _row("longer", 4, 1, 81.5, 0.54),
+        _row("method", 4, 3, 81.0, 0.56),  # dominated by flip (cheaper in training, fewer FLOPs, better) and longer
+        _row("same-acc", 4, 3, 81.5, 0.54),  # equal to longer on top-1/NLL but more FLOPs: dominated by longer
+        _row("nll-missing", 1, 1, 99.0, None),  # no NLL: compared with no row
+        _row("better-nll-only", 4, 3, 80.0, 0.50),  # worse top-1 than longer, better NLL: on the front
+    ]
+    assert v.verdicts(table) == {
+        "parent": None,
+        "flip": None,
+        "tie": None,
+        "longer": None,
+        "method": "flip",  # the cheapest row that dominates it is named
+        "same-acc": "longer",
+        "nll-missing": None,
+        "better-nll-only": None,
+    }
+    assert v.dominates(table[3], table[4]) and not v.dominates(table[0], table[2]) and not v.dominates(table[2], table[0])
+    assert not v.dominates(table[6], table[0]) and not v.dominates(table[0], table[6])

@@ -183,3 +183,24 @@ def test_a_plain_model_gets_views_as_a_one_member_module():
     with torch.no_grad():
         torch.testing.assert_close(module(X), _by_hand([model], "prob_mean"), atol=1e-6, rtol=0)
     assert tuple(module.pretrained_cfg["input_size"]) == SMALL_CFG["input_size"]
+
+
+def test_views_never_change_the_members_and_calibrate_repeats_boosts_last_step(tmp_path, resnet_dir, image_data):
+    """boost --tta none has the members of boost --tta auto (same seed); calibrate --tta none --temperature auto on
+    the auto artifact then is boost --tta none's artifact (the benchmark's "--tta none" rows rely on both)."""
+    from posthoc.commands.calibrate import calibrate
+
+    auto = run_boost(resnet_dir, "sparse", image_data, tmp_path / "auto", members=2, tta="flip")
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "none", members=2, tta="none")
+    assert auto["notes"]["views"]["chosen"]["views"] == list(FLIP)
+    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == (tmp_path / "none" / "model.safetensors").read_bytes()
+    calibrate(
+        str(tmp_path / "auto"), image_data, tmp_path / "again", tta="none", temperature="auto", workers=0, log=lambda m: None
+    )
+    again, built = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("again", "none"))
+    assert again["combine"]["views"] == ["identity"]
+    assert again["combine"]["temperature"] == pytest.approx(built["combine"]["temperature"], rel=1e-5)
+    off = calibrate(
+        str(tmp_path / "none"), image_data, tmp_path / "off", tta="none", temperature="off", workers=0, log=lambda m: None
+    )
+    assert off["temperature"] == built["combine"]["temperature"] and off["after"] is None  # the stored temperature kept

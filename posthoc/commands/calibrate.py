@@ -19,7 +19,7 @@ from torch import nn
 from ..artifact import read
 from ..artifact import save as save_artifact
 from ..calibration import finish
-from ..command_options import CALIBRATE
+from ..command_options import CALIBRATE, CalibrateOptions
 from ..ensemble import Ensemble, MetricKey, Provenance
 from ..fused import EnsembleModule
 from ..options import (
@@ -78,26 +78,35 @@ def calibrate(
     )
     dataset = run.sets[SELECT]
     tta = groups[ViewOptions].tta
-    result, record = finish(found["ensemble"], run.select_loader(256), run.device, tta=tta, temperature="always", log=log)
-    fit = record["temperature"]
-    log(
-        f"temperature {fit['temperature']:.4g} on {len(dataset)} images of {run.select}: NLL {fit['select_before']['nll']:.4f} -> "
-        f"{fit['select_after']['nll']:.4f}, ECE {fit['select_before']['ece']:.2f}% -> {fit['select_after']['ece']:.2f}%"
-    )
+    rule = {"on": "always", "auto": "cv", "off": "off"}[groups[CalibrateOptions].temperature]
+    result, record = finish(found["ensemble"], run.select_loader(256), run.device, tta=tta, temperature=rule, log=log)
+    fit = record["temperature"]  # None with --temperature off
+    if fit is not None:
+        log(
+            f"temperature {fit['temperature']:.4g} on {len(dataset)} images of {run.select}: NLL "
+            f"{fit['select_before']['nll']:.4f} -> {fit['select_after']['nll']:.4f}, ECE {fit['select_before']['ece']:.2f}% -> "
+            f"{fit['select_after']['ece']:.2f}%" + ("" if fit.get("applied", True) else " on held-out halves: not kept")
+        )
     provenance: Provenance = found["provenance"]
     measured = dict(provenance.measured)
-    measured["calibration"] = {**fit, "command": command} if command else fit
+    measured["calibration"] = {
+        **(fit or {"temperature": float(result.combine.temperature)}),
+        **({"command": command} if command else {}),
+    }
     measured["views"] = record["views"]
     data_record = provenance.data or {"dataset": str(run.data.data), "tuned_on": str(run.select), "select_size": len(dataset)}
-    metrics = {**provenance.metrics, str(MetricKey(str(run.select), "calibrated")): fit["select_after"]}
+    metrics = dict(provenance.metrics)
+    if fit is not None:
+        metrics[str(MetricKey(str(run.select), "calibrated"))] = fit["select_after"]
     provenance = dataclasses.replace(
         provenance, measured=measured, data=data_record, metrics=metrics, command=provenance.command or command
     )
     save_artifact(result, output.out, provenance, overwrite=output.overwrite, dtype=found["dtype"])
     return {
         "out": str(output.out),
-        "temperature": fit["temperature"],
-        "before": fit["select_before"],
-        "after": fit["select_after"],
+        "temperature": float(result.combine.temperature),
+        "views": list(result.combine.views),
+        "before": fit and fit["select_before"],
+        "after": fit and fit["select_after"],
         "images": len(dataset),
     }
