@@ -261,14 +261,17 @@ def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_p
     assert config["method"]["measured"]["global_batch"] == 16
 
 
-@pytest.mark.parametrize("method", ["sparse", "lastlayer"])
+@pytest.mark.parametrize("method", ["sparse", "lastlayer", "sparse-trajectory"])
 def test_split_children_and_sharded_caches_give_the_same_artifact(tmp_path, inputs, method):
     """sparse tunes one child per process; lastlayer caches its training inputs on both and retrains on
-    rank 0: the artifact of one process either way."""
+    rank 0; a sparse trajectory runs on rank 0 while the other waits: the artifact of one process either way."""
+    sparse = ["--members", "2", "--no-include-parent", "--child-epochs", "0.3", "--bn-batches", "2"]
     flags = {
-        "sparse": ["--members", "2", "--no-include-parent", "--child-epochs", "0.3", "--bn-batches", "2"],
+        "sparse": sparse,
         "lastlayer": ["--last-layers", "2", "--epochs-per-layer", "1"],
+        "sparse-trajectory": [*sparse, "--schedule", "trajectory"],
     }[method]
+    method = method.split("-")[0]
     args = ["boost", str(inputs["resnet"]), "--method", method, *flags, "--batch-size", "16", "--data", str(inputs["data"])]
     args += [*QUIET, "--out", "art"]
     (tmp_path / "two").mkdir()
