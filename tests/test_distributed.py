@@ -238,11 +238,13 @@ def _weights(artifact: Path) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in load_file(str(artifact / "model.safetensors")).items() if v.is_floating_point()}
 
 
-def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_path, inputs):
+@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--lr", "0.05"], []])
+def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_path, inputs, optimizer):
     """DistributedDataParallel on 2 x 8 images per step: the same bytes on a rerun, and the same global
-    batches as one process on 16 (a BatchNorm-free model, so only the order of float sums differs)."""
+    batches as one process on 16 (a BatchNorm-free model, so only the order of float sums differs); with
+    SGD, and with the AdamW the rule gives the ViT."""
     args = ["boost", str(inputs["vit"]), "--method", "resample", "--data", str(inputs["data"]), "--workers", "0"]
-    args += ["--epochs", "1", "--members", "2", "--include-mean", "--augment", "none", "--lr", "0.05", "--no-progress"]
+    args += ["--epochs", "1", "--members", "2", "--include-mean", "--augment", "none", "--no-progress", *optimizer]
     first = posthoc_on_two([*args, "--batch-size", "8", "--out", str(tmp_path / "a")])
     again = posthoc_on_two([*args, "--batch-size", "8", "--out", str(tmp_path / "b")])
     one = posthoc_on_one([*args, "--batch-size", "16", "--out", str(tmp_path / "one")])
@@ -259,6 +261,7 @@ def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_p
     assert moved > 0 and differ**0.5 < 1e-3 * moved**0.5  # within float rounding of the fine-tuning's own step
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["method"]["measured"]["global_batch"] == 16
+    assert config["method"]["measured"]["optimizer"]["optimizer"] == ("sgd" if optimizer else "adamw")
 
 
 @pytest.mark.parametrize("method", ["sparse", "lastlayer", "sparse-trajectory"])
