@@ -379,3 +379,17 @@ def test_train_longer_is_the_parent_fine_tuned_as_one_network(tmp_path, resnet_d
     assert summary["notes"]["children"]["child-0"]["steps"] == 2 * 7  # 120 images in batches of 16: 7 a epoch
     parent = tiny_model("test_resnet").state_dict()
     assert not torch.equal(ens.groups[0].member_state_dict(0)["fc.weight"], parent["fc.weight"])
+
+
+def test_drawn_augmentation_strengths_build_their_transforms():
+    from torchvision import transforms as T
+
+    from posthoc.data import resolve_data_config, train_transform
+
+    config = resolve_data_config(tiny_model("test_resnet"))
+    crop = next(t for t in train_transform(config, "light:0.25").transforms if isinstance(t, T.RandomCrop))
+    assert crop.padding == 8  # a quarter of the 32-pixel side (light: 1/8, 4 pixels)
+    resized = next(t for t in train_transform(config, "timm:0.3").transforms if hasattr(t, "scale"))
+    assert tuple(resized.scale) == (0.3, 1.0)  # timm's RandomResizedCropAndInterpolation
+    with pytest.raises(PosthocError, match="augmentation strength must be a number in"):
+        train_transform(config, "light:big")
