@@ -28,6 +28,7 @@ from .options import (
 
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULES = ("onecycle", "cosine", "constant")
+OPTIMIZERS = ("auto", "sgd", "adamw")  # auto: posthoc.training.optimizer_family (SGD for BatchNorm networks, else AdamW)
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 RESULT_SUFFIXES = (".json", ".csv")
 
@@ -172,8 +173,13 @@ class DistillConfig(Options):
         0.0, "Beta(A, A) mixup of each batch, the teacher scoring the mixed images (0: off).", ge=0, metavar="A"
     )
     schedule: str = option("onecycle", "Learning rate schedule: onecycle, cosine or constant.", choices=SCHEDULES)
-    max_lr: float = option(0.02, "Peak SGD learning rate.", gt=0, metavar="LR")
-    weight_decay: float = option(5e-4, "SGD weight decay.", ge=0, metavar="WD")
+    optimizer: str = option(
+        "auto", "Optimizer: auto (SGD Nesterov for a BatchNorm student, AdamW for any other), sgd or adamw.", choices=OPTIMIZERS
+    )
+    max_lr: float | None = option(None, "Peak learning rate (default: 0.02 with SGD, 0.0001 with AdamW).", gt=0, metavar="LR")
+    weight_decay: float | None = option(
+        None, "Weight decay (default: 0.0005 with SGD, 0.05 with AdamW, decoupled).", ge=0, metavar="WD"
+    )
     batch_size: int = option(128, "Training batch size.", ge=1, short="-b", metavar="N")
     augment: str = option(
         "light", "Training augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")

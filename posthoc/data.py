@@ -153,20 +153,29 @@ def train_transform(data_config: dict[str, Any], augment: str = "light"):
     ``light`` (default): the eval geometry, then a random crop of the input size with reflect-padding of
     1/8 of the side and a horizontal flip. It keeps the statistics a converged model was trained on close
     to its eval inputs, which fine-tuning for one epoch needs. ``timm``: timm's own training transform
-    (RandomResizedCrop etc.), for models trained with it. ``none``: the eval transform.
+    (RandomResizedCrop etc.), for models trained with it. ``none``: the eval transform. A strength may
+    follow a colon: ``light:F`` pads by the fraction F of the side, ``timm:S`` crops at least the fraction
+    S of the image's area (timm's default 0.08) (per-child augmentation draws).
     """
-    if augment == "none":
+    augment, _, strength = str(augment).partition(":")
+    try:
+        value = float(strength) if strength else None
+    except ValueError:
+        value = -1.0
+    if value is not None and not (0 < value <= 1):
+        raise PosthocError(f"augmentation strength must be a number in (0, 1], got '{strength}'")
+    if augment == "none" and value is None:
         return eval_transform(data_config)
     if augment == "timm":
         from timm.data import create_transform
 
         cfg = {k: v for k, v in data_config.items() if k in ("input_size", "interpolation", "mean", "std")}
-        return create_transform(**cfg, is_training=True)
+        return create_transform(**cfg, is_training=True, **({} if value is None else {"scale": (value, 1.0)}))
     if augment != "light":
         raise PosthocError(f"unknown augmentation '{augment}'; use light, timm or none")
     base = eval_transform(data_config)
     size = data_config["input_size"][-2:]
-    pad = max(1, size[-1] // 8)
+    pad = max(1, size[-1] // 8) if value is None else max(1, round(size[-1] * value))
     steps = list(base.transforms)
     to_tensor = next(i for i, t in enumerate(steps) if isinstance(t, (T.ToTensor, T.PILToTensor, T.Normalize)))
     aug = [T.RandomCrop(tuple(size), padding=pad, padding_mode="reflect"), T.RandomHorizontalFlip()]

@@ -39,7 +39,7 @@ from . import data as data_mod
 from .command_options import DistillConfig
 from .metrics import PROB_FLOOR
 from .runtime import derive_seed, seeded_generator
-from .training import cache_outputs, cycle, sgd_with_schedule, train_steps
+from .training import FINE_TUNE_RATES, Recipe, cache_outputs, cycle, fine_tune_optimizer, fine_tune_recipe, train_steps
 
 
 def distillation_loss(
@@ -142,13 +142,7 @@ def train_student(
     if cfg.mixup:
         batches = mixed_batches(batches, cfg.mixup, student.num_classes, derive_seed(cfg.seed, 1))
     student.train()
-    opt, sched = sgd_with_schedule(
-        [p for p in student.parameters() if p.requires_grad],
-        steps,
-        schedule=cfg.schedule,
-        max_lr=cfg.max_lr,
-        weight_decay=cfg.weight_decay,
-    )
+    opt, sched = fine_tune_optimizer(student, steps, student_recipe(student, cfg), schedule=cfg.schedule)
     losses = train_steps(
         lambda inputs: student(inputs[0]),
         batches,
@@ -162,6 +156,12 @@ def train_student(
     )
     student.eval()
     return losses
+
+
+def student_recipe(student: nn.Module, cfg: DistillConfig) -> Recipe:
+    """The student's optimizer by the shared rule (:func:`posthoc.training.fine_tune_recipe`): SGD at 0.02
+    for a BatchNorm student, AdamW at 1e-4 for any other, unless given."""
+    return fine_tune_recipe(student, FINE_TUNE_RATES["distill"], cfg.optimizer, cfg.max_lr, cfg.weight_decay)
 
 
 def student_steps(images: int, cfg: DistillConfig) -> int:

@@ -9,7 +9,10 @@ with timm's own lists of modules and functions that ``torch.fx`` must not trace 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 import torch.fx as fx
@@ -36,8 +39,9 @@ class FeaturesAndLogits(nn.Module):
         return feats, logits
 
 
-def tracer() -> fx.Tracer:
-    """A ``torch.fx`` tracer that treats timm's untraceable modules as leaves and wraps its functions."""
+def tracer(wrap: Sequence[ModuleType] = ()) -> fx.Tracer:
+    """A ``torch.fx`` tracer that treats timm's untraceable modules as leaves and wraps its functions;
+    the public functions of the modules in ``wrap`` are left opaque too."""
     from timm.layers import get_notrace_functions, get_notrace_modules
 
     leaf_types = tuple(m for m in get_notrace_modules() if isinstance(m, type))
@@ -46,7 +50,21 @@ def tracer() -> fx.Tracer:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, leaf_types) or super().is_leaf_module(m, qualname)
 
-    return Tracer(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+    return Tracer(autowrap_modules=(math, *wrap), autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+
+
+def trace(net: nn.Module) -> fx.Graph:
+    """``net``'s graph by :func:`tracer`; where that fails, traced again with the public functions of the
+    timm model's own module left opaque (a ViT with ``dynamic_img_size`` resamples its position
+    embedding by the input's shape, data-dependent control flow inside ``resample_abs_pos_embed``).
+    Models that trace the first way keep exactly that graph."""
+    try:
+        return tracer().trace(net)
+    except Exception:
+        home = sys.modules.get(type(getattr(net, "model", net)).__module__)
+        if home is None:
+            raise
+        return tracer(wrap=(home,)).trace(net)
 
 
 def split_shared_prefix(net: nn.Module, member_names: set[str]):
@@ -58,7 +76,7 @@ def split_shared_prefix(net: nn.Module, member_names: set[str]):
     suffix's or the prefix's result. All ``None`` when the model cannot be traced.
     """
     try:
-        graph = tracer().trace(net)
+        graph = trace(net)
     except Exception as e:
         _logger.info("torch.fx cannot trace %s (%s); members run whole", type(getattr(net, "model", net)).__name__, e)
         return None, None, None, None

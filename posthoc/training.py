@@ -1,5 +1,8 @@
 """The training engine every method uses: the step loop, cached forward passes, BatchNorm re-estimation.
 
+- :func:`fine_tune_recipe` is the one rule for the optimizer of a fine-tune (SGD for BatchNorm networks,
+  AdamW for the others, each method's rates per family in :data:`FINE_TUNE_RATES`), and
+  :func:`fine_tune_optimizer` builds it with its per-step schedule (:func:`sgd_with_schedule` for SGD).
 - :func:`train_steps` is the one training loop (forward, loss, backward, optimizer and per-step
   scheduler, an ``after_step`` hook for methods that act on the weights between steps, optional
   mixed precision, a progress bar, losses read from the device only once per window, divergence
@@ -28,7 +31,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from . import distributed
-from .command_options import SCHEDULES
+from .command_options import OPTIMIZERS, SCHEDULES
 from .errors import PosthocError
 from .metrics import fit_temperature, scores
 from .runtime import autocast, progress, seeded_generator
@@ -119,7 +122,10 @@ def cycle(loader: Iterable, steps: int) -> Iterator:
 
 
 def make_optimizer(kind: str, params: list[torch.Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """A fresh optimizer: Adam (AdamW with weight decay) or SGD with momentum 0.9 (Nesterov)."""
+    """A fresh optimizer: Adam (AdamW with weight decay), AdamW (no decay on vectors: biases and norm
+    weights, as timm's ``param_groups_weight_decay``) or SGD with momentum 0.9 (Nesterov)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(decay_groups([(str(i), p) for i, p in enumerate(params)], weight_decay), lr=lr)
     if kind == "adam":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
@@ -129,6 +135,31 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     """Cosine annealing of the learning rate from its value to 0 over ``total_steps`` steps."""
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def one_cycle(
+    opt: torch.optim.Optimizer,
+    max_lr: float,
+    steps: int,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+    cycle_momentum: bool = True,
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """``torch.optim.lr_scheduler.OneCycleLR`` over ``steps`` steps. Where ``pct_start * steps`` is exactly 1
+    torch's warm-up would end at step 0 and divide by zero; the warm-up then lasts one step."""
+    total = max(1, steps)
+    if float(pct_start * total) - 1 == 0:
+        pct_start = (1 + 1e-6) / total
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=max_lr,
+        total_steps=total,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        cycle_momentum=cycle_momentum,
+    )
 
 
 def sgd_with_schedule(
@@ -142,32 +173,169 @@ def sgd_with_schedule(
     pct_start: float = 0.1,
     div_factor: float = 100.0,
     final_div_factor: float = 1e4,
+    nesterov: bool | None = None,
 ) -> tuple[torch.optim.Optimizer, Any]:
     """SGD with Nesterov momentum and its per-step scheduler for ``steps`` steps.
 
     ``onecycle``: ``torch.optim.lr_scheduler.OneCycleLR`` (warm-up from ``max_lr / div_factor`` over
     ``pct_start`` of the steps, cosine down to ``max_lr / div_factor / final_div_factor``, momentum cycled
     inversely between 0.85 and 0.95); ``cosine``: from ``max_lr`` to 0; ``constant``: ``max_lr``
-    throughout (no scheduler).
+    throughout (no scheduler). ``nesterov`` (cosine and constant; default: whenever ``momentum > 0``)
+    can turn Nesterov off for a method whose paper uses classical momentum.
     """
-    nesterov = momentum > 0
+    nesterov = momentum > 0 if nesterov is None else nesterov
     if schedule == "onecycle":
         opt = torch.optim.SGD(params, lr=max_lr / div_factor, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=max_lr,
-            total_steps=max(1, steps),
-            pct_start=pct_start,
-            div_factor=div_factor,
-            final_div_factor=final_div_factor,
-        )
-        return opt, sched
+        return opt, one_cycle(opt, max_lr, steps, pct_start, div_factor, final_div_factor)
     opt = torch.optim.SGD(params, lr=max_lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if schedule == "cosine":
         return opt, cosine_schedule(opt, steps)
     if schedule == "constant":
         return opt, None
     raise PosthocError(f"unknown schedule '{schedule}'; use {', '.join(SCHEDULES)}")
+
+
+# ------------------------------------------------------------------------------------ the optimizer rule
+ADAMW_BETAS = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class FamilyRates:
+    """A fine-tune's default peak rate and weight decay in each optimizer family.
+
+    The SGD values are the method's own, chosen on BatchNorm CNNs (CIFAR ResNets). The AdamW values are
+    fine-tuning rates of the range timm's ViT and ConvNeXt fine-tunes use (5e-5 to 5e-4, decoupled weight
+    decay 0.05): 1e-4 where the network should stay close to the parent, 2e-4 for children that should
+    move apart but stay accurate (5e-4 for whole networks moved their members' select NLL above the
+    parent's on short tunes), 5e-4 where only the last layers train.
+    """
+
+    sgd_lr: float
+    sgd_weight_decay: float
+    adamw_lr: float
+    adamw_weight_decay: float = 0.05
+
+    def lr(self, optimizer: str) -> float:
+        return self.sgd_lr if optimizer == "sgd" else self.adamw_lr
+
+    def weight_decay(self, optimizer: str) -> float:
+        return self.sgd_weight_decay if optimizer == "sgd" else self.adamw_weight_decay
+
+    def describe(self, what: str) -> str:
+        """``"0.05 with SGD, 0.0005 with AdamW"`` for ``what`` = ``lr`` or ``weight_decay`` (help texts)."""
+        return f"{getattr(self, 'sgd_' + what):g} with SGD, {getattr(self, 'adamw_' + what):g} with AdamW"
+
+
+FINE_TUNE_RATES = {  # every method that fine-tunes: its rates per family, in one table
+    "sparse": FamilyRates(sgd_lr=0.05, sgd_weight_decay=5e-4, adamw_lr=2e-4),  # children leave the basin: a high rate
+    "distill": FamilyRates(sgd_lr=0.02, sgd_weight_decay=5e-4, adamw_lr=1e-4),
+    "resample": FamilyRates(sgd_lr=0.1, sgd_weight_decay=0.0, adamw_lr=1e-4),  # constant rate, momentum 0 (the paper)
+    "lastlayer": FamilyRates(sgd_lr=0.003, sgd_weight_decay=0.0, adamw_lr=1e-4),  # last layers, best epoch kept
+    "supernet": FamilyRates(sgd_lr=0.05, sgd_weight_decay=0.0, adamw_lr=5e-4),  # copies move apart: a high rate
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved fine-tune: the optimizer family, its peak rate and weight decay, and why."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        """What the artifact's measured notes keep."""
+        return {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay, "rule": self.reason}
+
+
+def optimizer_family(model: nn.Module, optimizer: str = "auto") -> tuple[str, str]:
+    """``(family, reason)``: ``optimizer`` itself unless ``auto``, which is ``sgd`` (Nesterov) for a
+    BatchNorm network (BatchNorm layers and no LayerNorm: ResNets, EfficientNets, the CNNs the SGD rates
+    were tuned on) and ``adamw`` for every other (LayerNorm networks such as ViT and ConvNeXt, hybrids
+    such as CoAtNet and MaxViT, normalization-free or GroupNorm ones), which timm trains and fine-tunes
+    with AdamW; SGD rates tuned for a CIFAR ResNet derail them."""
+    if optimizer not in (*OPTIMIZERS, "adam"):  # adam: the layer stages' plain Adam (lastlayer, supernet)
+        raise PosthocError(f"unknown optimizer '{optimizer}'; use {', '.join(OPTIMIZERS)}")
+    if optimizer != "auto":
+        return optimizer, f"--optimizer {optimizer}"
+    if has_batchnorm(model) and not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        return "sgd", "auto: a BatchNorm network gets SGD"
+    return "adamw", "auto: a network with LayerNorm or without BatchNorm gets AdamW"
+
+
+def fine_tune_recipe(
+    model: nn.Module, rates: FamilyRates, optimizer: str = "auto", lr: float | None = None, weight_decay: float | None = None
+) -> Recipe:
+    """The one rule for a fine-tune's optimizer: the family from :func:`optimizer_family`, then ``lr`` and
+    ``weight_decay`` as given or, when ``None``, the family's defaults in ``rates`` (a method's entry
+    in :data:`FINE_TUNE_RATES`). Adam-type families (``adam``, ``adamw``) share the AdamW rate."""
+    family, reason = optimizer_family(model, optimizer)
+    default_kind = "sgd" if family == "sgd" else "adamw"
+    lr = rates.lr(default_kind) if lr is None else lr
+    if weight_decay is None:
+        weight_decay = 0.0 if family == "adam" else rates.weight_decay(default_kind)
+    return Recipe(family, float(lr), float(weight_decay), reason)
+
+
+def decay_groups(
+    named: list[tuple[str, torch.Tensor]], weight_decay: float, skip: set[str] | frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups as timm's ``param_groups_weight_decay``: no decay on vectors (biases, norm
+    weights) nor on the names in ``skip`` (a timm model's ``no_weight_decay()``: position embeddings,
+    class tokens), ``weight_decay`` on the rest."""
+    skipped = lambda name, p: p.ndim <= 1 or name.endswith(".bias") or name in skip
+    no_decay = [p for n, p in named if skipped(n, p)]
+    decay = [p for n, p in named if not skipped(n, p)]
+    return [
+        g for g in ({"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}) if g["params"]
+    ]
+
+
+def fine_tune_optimizer(
+    model: nn.Module,
+    steps: int,
+    recipe: Recipe,
+    *,
+    schedule: str = "onecycle",
+    momentum: float = 0.9,
+    nesterov: bool | None = None,
+    pct_start: float = 0.1,
+    div_factor: float = 100.0,
+    final_div_factor: float = 1e4,
+) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer of ``recipe`` over ``model``'s trainable parameters, with its per-step scheduler.
+
+    SGD is :func:`sgd_with_schedule` (one-cycle cycles its momentum inversely, 0.95 -> 0.85 -> 0.95).
+    AdamW keeps betas (0.9, 0.999) fixed (one-cycle cycles only the rate: the momentum cycle is an SGD
+    heuristic, and timm's AdamW fine-tunes keep the betas) and takes timm's decay groups
+    (:func:`decay_groups`). Schedules as :func:`sgd_with_schedule`: ``onecycle``, ``cosine``, ``constant``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise PosthocError("the model has no trainable parameters to fine-tune")
+    if recipe.optimizer == "sgd":
+        return sgd_with_schedule(
+            [p for _, p in named],
+            steps,
+            schedule=schedule,
+            max_lr=recipe.lr,
+            weight_decay=recipe.weight_decay,
+            momentum=momentum,
+            pct_start=pct_start,
+            div_factor=div_factor,
+            final_div_factor=final_div_factor,
+            nesterov=nesterov,
+        )
+    if schedule not in SCHEDULES:
+        raise PosthocError(f"unknown schedule '{schedule}'; use {', '.join(SCHEDULES)}")
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = decay_groups(named, recipe.weight_decay, skip)
+    start = recipe.lr / div_factor if schedule == "onecycle" else recipe.lr
+    opt = torch.optim.AdamW(groups, lr=start, betas=ADAMW_BETAS)
+    if schedule == "onecycle":
+        return opt, one_cycle(opt, recipe.lr, steps, pct_start, div_factor, final_div_factor, cycle_momentum=False)
+    return opt, (cosine_schedule(opt, steps) if schedule == "cosine" else None)
 
 
 def train_epochs(

@@ -238,11 +238,13 @@ def _weights(artifact: Path) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in load_file(str(artifact / "model.safetensors")).items() if v.is_floating_point()}
 
 
-def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_path, inputs):
+@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--lr", "0.05"], []])
+def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_path, inputs, optimizer):
     """DistributedDataParallel on 2 x 8 images per step: the same bytes on a rerun, and the same global
-    batches as one process on 16 (a BatchNorm-free model, so only the order of float sums differs)."""
+    batches as one process on 16 (a BatchNorm-free model, so only the order of float sums differs); with
+    SGD, and with the AdamW the rule gives the ViT."""
     args = ["boost", str(inputs["vit"]), "--method", "resample", "--data", str(inputs["data"]), "--workers", "0"]
-    args += ["--epochs", "1", "--members", "2", "--include-mean", "--augment", "none", "--lr", "0.05", "--no-progress"]
+    args += ["--epochs", "1", "--members", "2", "--include-mean", "--augment", "none", "--no-progress", *optimizer]
     first = posthoc_on_two([*args, "--batch-size", "8", "--out", str(tmp_path / "a")])
     again = posthoc_on_two([*args, "--batch-size", "8", "--out", str(tmp_path / "b")])
     one = posthoc_on_one([*args, "--batch-size", "16", "--out", str(tmp_path / "one")])
@@ -259,16 +261,20 @@ def test_resample_on_two_processes_is_reproducible_and_matches_one_process(tmp_p
     assert moved > 0 and differ**0.5 < 1e-3 * moved**0.5  # within float rounding of the fine-tuning's own step
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["method"]["measured"]["global_batch"] == 16
+    assert config["method"]["measured"]["optimizer"]["optimizer"] == ("sgd" if optimizer else "adamw")
 
 
-@pytest.mark.parametrize("method", ["sparse", "lastlayer"])
+@pytest.mark.parametrize("method", ["sparse", "lastlayer", "sparse-trajectory"])
 def test_split_children_and_sharded_caches_give_the_same_artifact(tmp_path, inputs, method):
     """sparse tunes one child per process; lastlayer caches its training inputs on both and retrains on
-    rank 0: the artifact of one process either way."""
+    rank 0; a sparse trajectory runs on rank 0 while the other waits: the artifact of one process either way."""
+    sparse = ["--members", "2", "--no-include-parent", "--child-epochs", "0.3", "--bn-batches", "2"]
     flags = {
-        "sparse": ["--members", "2", "--no-include-parent", "--child-epochs", "0.3", "--bn-batches", "2"],
+        "sparse": sparse,
         "lastlayer": ["--last-layers", "2", "--epochs-per-layer", "1"],
+        "sparse-trajectory": [*sparse, "--schedule", "trajectory"],
     }[method]
+    method = method.split("-")[0]
     args = ["boost", str(inputs["resnet"]), "--method", method, *flags, "--batch-size", "16", "--data", str(inputs["data"])]
     args += [*QUIET, "--out", "art"]
     (tmp_path / "two").mkdir()

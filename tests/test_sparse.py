@@ -13,7 +13,8 @@ from posthoc import PosthocError
 from posthoc.artifact import read
 from posthoc.cli import main
 from posthoc.data import ImageSet
-from posthoc.methods.sparse import Annealer, Masked, SparseConfig, group_masks, prunable_tensors
+from posthoc.methods._children import LABEL_SMOOTHING, PAD_FRACTION, Annealer, ChildDraw, Masked, child_seed, draw_child
+from posthoc.methods.sparse import SparseConfig, group_masks, prunable_tensors
 from posthoc.options import make_config
 
 from .helpers import QUIET, assert_same_artifact, run_boost, tiny_model
@@ -181,13 +182,21 @@ def test_coupled_children(tmp_path, resnet_dir, image_data):
         (["--keep", "0"], "--keep must be more than 0"),
         (["--members", "1", "--include-parent"], "leaves no child"),
         (["--mask-source", "l1", "--partition", "2"], "cannot be partitioned"),
-        (["--schedule", "cyclic"], "must be one of onecycle, constant, got 'cyclic'"),
+        (["--schedule", "cyclic"], "must be one of onecycle, constant, trajectory, got 'cyclic'"),
+        (["--child-diversity", "random"], "must be one of none, hyper, classweights, got 'random'"),
+        (["--class-weight-concentration", "0"], "--class-weight-concentration must be more than 0"),
+        (["--class-weight-concentration", "5"], "shapes --child-diversity classweights"),
+        (["--schedule", "trajectory", "--keep", "0.5"], "--schedule trajectory chains dense children"),
+        (["--schedule", "trajectory", "--anneal", "temperature"], "it cannot prune (--keep 0.5)"),
+        (["--optimizer", "adam"], "must be one of auto, sgd, adamw, got 'adam'"),
+        (["--max-lr", "0"], "--max-lr must be more than 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be at least 0"),
     ],
 )
 def test_cli_flag_errors(tmp_path, capsys, resnet_dir, image_data, flags, message):
     code = main(["boost", str(resnet_dir), "--method", "sparse", "--data", str(image_data), "--out", str(tmp_path / "x"), *flags])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
 
@@ -227,6 +236,7 @@ def test_defaults_are_dense_children_with_the_parent_and_pruning_options_imply_h
     assert make_config(SparseConfig, {"keep": 0.8, "anneal": "random"}).keep == 0.8  # given: never changed
     assert make_config(SparseConfig, {"couple": True}).include_parent is False
     assert make_config(SparseConfig, {"include_parent": True}).siblings == 1
+    assert (default.optimizer, default.max_lr, default.weight_decay, default.child_diversity) == ("auto", None, None, "none")
 
 
 def test_pruned_children_and_the_parent_make_one_group(tmp_path, resnet_dir, image_data):
@@ -244,3 +254,142 @@ def test_unknown_option_for_sparse():
 def test_children_train_under_bfloat16_autocast_on_cpu(tmp_path, resnet_dir, image_data):
     summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, amp=True)
     assert summary["members"] == 2 and all(c["steps"] > 0 for c in summary["notes"]["children"].values())
+
+
+# ------------------------------------------------------------------------------------ children's diversity
+def _measured(out: Path) -> dict:
+    return json.loads((out / "config.json").read_text())["method"]["measured"]
+
+
+def test_hyper_children_draw_their_own_hyper_parameters(tmp_path, resnet_dir, image_data):
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, child_diversity="hyper")
+    measured = _measured(tmp_path / "a")
+    draws = [measured["children"][f"child-{i}"]["draw"] for i in range(2)]
+    assert draws[0]["label_smoothing"] != draws[1]["label_smoothing"]
+    assert draws[0]["weight_decay"] != draws[1]["weight_decay"]
+    for draw in draws:
+        assert LABEL_SMOOTHING[0] <= draw["label_smoothing"] <= LABEL_SMOOTHING[1]
+        assert 1e-4 <= draw["weight_decay"] <= 1e-3  # x [0.2, 2] around SGD's 5e-4
+        family, _, fraction = draw["augment"].partition(":")
+        assert family == "light" and PAD_FRACTION[0] <= float(fraction) <= PAD_FRACTION[1]
+    assert measured["diversity"]["kind"] == "hyper" and measured["diversity"]["ranges"]["label_smoothing"]["uniform"] == [
+        0.0,
+        0.2,
+    ]
+    assert measured["optimizer"]["optimizer"] == "sgd" and measured["optimizer"]["weight_decay"] == 5e-4
+
+
+def test_a_childs_draw_depends_on_the_seed_and_its_index_alone():
+    two, three = (make_config(SparseConfig, {"members": m, "child_diversity": "hyper"}) for m in (2, 3))
+    draw = lambda cfg, i, **kw: draw_child(
+        "hyper", child_seed(cfg, i), **{"weight_decay": 5e-4, "augment": "timm", "num_classes": 3, "concentration": 1, **kw}
+    )
+    assert draw(two, 1) == draw(three, 1) != draw(three, 2)
+    scale = float(draw(two, 1).augment.partition("timm:")[2])
+    assert 0.08 <= scale <= 0.5  # timm's smallest crop area, drawn
+    plain = draw(two, 1, weight_decay=0.0, augment="none")  # no weight decay stays none, no augmentation stays none
+    assert (plain.weight_decay, plain.augment, plain.label_smoothing) == (0.0, "none", draw(two, 1).label_smoothing)
+
+
+def test_class_weighted_children_record_different_weights_of_mean_one(tmp_path, resnet_dir, image_data):
+    run_boost(
+        resnet_dir,
+        "sparse",
+        image_data,
+        tmp_path / "a",
+        members=2,
+        child_diversity="classweights",
+        class_weight_concentration=2.0,
+    )
+    measured = _measured(tmp_path / "a")
+    weights = [measured["children"][f"child-{i}"]["draw"]["class_weights"] for i in range(2)]
+    assert weights[0] != weights[1] and all(len(w) == 3 and min(w) > 0 for w in weights)
+    assert all(abs(sum(w) / 3 - 1) < 1e-3 for w in weights)
+    assert measured["diversity"] == {"kind": "classweights", "class_weights": "C x Dirichlet(2)"}
+
+
+def test_a_draw_is_the_loss_the_engine_trains_with():
+    logits, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    draw = ChildDraw(label_smoothing=0.1, class_weights=(0.5, 1.0, 1.5))
+    expected = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor([0.5, 1.0, 1.5]), label_smoothing=0.1)
+    assert torch.equal(draw.loss()(logits, y, None), expected)
+    assert ChildDraw().loss() is None  # no diversity: the engine's own cross-entropy
+
+
+@pytest.mark.parametrize("diversity, schedule", [("hyper", "onecycle"), ("classweights", "trajectory")])
+def test_diverse_children_same_seed_same_bytes(tmp_path, resnet_dir, image_data, diversity, schedule):
+    for d, seed in (("a", 5), ("b", 5), ("c", 6)):
+        run_boost(
+            resnet_dir, "sparse", image_data, tmp_path / d, members=2, seed=seed, child_diversity=diversity, schedule=schedule
+        )
+    assert_same_artifact(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------------------------ the trajectory
+def _members(out: Path) -> list[dict[str, torch.Tensor]]:
+    ens, _ = read(out)
+    return [ens.groups[0].member_state_dict(k) for k in range(ens.num_members)]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trajectory_members_are_the_cycle_ends(tmp_path, resnet_dir, image_data):
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "t2", members=2, schedule="trajectory")
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "t3", members=3, schedule="trajectory")
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "t1", members=1, schedule="trajectory")
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "c1", members=1)
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "c2", members=2)
+    t2, t3, t1, c1, c2 = (_members(tmp_path / d) for d in ("t2", "t3", "t1", "c1", "c2"))
+    assert (
+        read(tmp_path / "t2")[0].member_names == ["cycle-0", "cycle-1"] and summary["notes"]["children"]["cycle-1"]["steps"] == 4
+    )
+    assert _same(t1[0], c1[0])  # one cycle is the independent child 0 with the same seed
+    assert _same(t2[0], c2[0]) and not _same(t2[1], t2[0])  # cycle 2 moved on from cycle 1's end
+    assert not _same(t2[1], c2[1])  # ... which the independent child 1 never started from
+    assert _same(t3[0], t2[0]) and _same(t3[1], t2[1]) and not _same(t3[2], t3[1])  # cycles do not depend on how many follow
+
+
+def test_trajectory_re_estimates_batchnorm_per_member(tmp_path, resnet_dir, image_data):
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, schedule="trajectory", bn_batches=0)
+    run_boost(resnet_dir, "sparse", image_data, tmp_path / "b", members=2, schedule="trajectory", bn_batches=1)
+    kept, estimated = _members(tmp_path / "a"), _members(tmp_path / "b")
+    stats = [k for k in kept[0] if k.endswith("running_var")]
+    for k in (0, 1):  # the same weights; only the statistics differ
+        assert all(torch.equal(kept[k][n], estimated[k][n]) for n in kept[k] if "running" not in n and "num_batches" not in n)
+        assert not torch.equal(kept[k][stats[0]], estimated[k][stats[0]])
+
+
+# ------------------------------------------------------------------------------------ 2x configurations
+def test_the_parent_and_one_child(tmp_path, resnet_dir, image_data):
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=2, include_parent=True)
+    ens, config = read(tmp_path / "a")
+    assert ens.member_names == ["parent", "child-0"] and config["method"]["include_parent"]
+    assert abs(summary["cost"]["flops_ratio"] - 2) < 1e-6
+    assert _same(ens.groups[0].member_state_dict(0), tiny_model("test_resnet").state_dict())
+
+
+def test_train_longer_is_the_parent_fine_tuned_as_one_network(tmp_path, resnet_dir, image_data):
+    """The benchmark's "train longer" peer: ``--members 1 --no-include-parent --child-epochs N``."""
+    summary = run_boost(resnet_dir, "sparse", image_data, tmp_path / "a", members=1, child_epochs=2)
+    ens, _ = read(tmp_path / "a")
+    assert ens.num_members == 1 and ens.member_names == ["child-0"] and summary["notes"]["budget_parent_epochs"] == 2
+    assert summary["notes"]["children"]["child-0"]["steps"] == 2 * 7  # 120 images in batches of 16: 7 a epoch
+    parent = tiny_model("test_resnet").state_dict()
+    assert not torch.equal(ens.groups[0].member_state_dict(0)["fc.weight"], parent["fc.weight"])
+
+
+def test_drawn_augmentation_strengths_build_their_transforms():
+    from torchvision import transforms as T
+
+    from posthoc.data import resolve_data_config, train_transform
+
+    config = resolve_data_config(tiny_model("test_resnet"))
+    crop = next(t for t in train_transform(config, "light:0.25").transforms if isinstance(t, T.RandomCrop))
+    assert crop.padding == 8  # a quarter of the 32-pixel side (light: 1/8, 4 pixels)
+    resized = next(t for t in train_transform(config, "timm:0.3").transforms if hasattr(t, "scale"))
+    assert tuple(resized.scale) == (0.3, 1.0)  # timm's RandomResizedCropAndInterpolation
+    with pytest.raises(PosthocError, match="augmentation strength must be a number in"):
+        train_transform(config, "light:big")

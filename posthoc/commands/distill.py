@@ -19,7 +19,7 @@ from ..artifact import read_config, save
 from ..calibration import candidates_for, choose
 from ..command_options import DISTILL, DistillConfig, StudentOptions
 from ..cost import flops_ratio
-from ..distillation import distillation_cost, student_steps, train_student
+from ..distillation import distillation_cost, student_recipe, student_steps, train_student
 from ..ensemble import Ensemble, MetricKey, Provenance
 from ..errors import PosthocError
 from ..evaluate import evaluate, headline
@@ -115,6 +115,7 @@ def distill(
         "first_loss": round(sum(losses[:window]) / window, 5),
         "last_loss": round(sum(losses[-window:]) / window, 5),
         "cost_parent_epochs": round(cost, 3),
+        "optimizer": student_recipe(student, cfg).record(),
     }
     if chosen.temperature_scaling:
         ensemble, fit = calibrated(ensemble, select_loader, run.device)

@@ -6,6 +6,9 @@ select part. Choices where the thesis is silent:
 
 - **Layers** are timm's parameter groups (:func:`posthoc.timm_io.last_layers`): layer 1 is the
   classifier, layer 2 the last block, and so on; the stem is never retrained.
+- **Optimizer**: the rule every fine-tune shares (:func:`posthoc.training.fine_tune_recipe`): SGD
+  (momentum 0.9, Nesterov) for a BatchNorm network, AdamW for any other (ViT, ConvNeXt), each at its
+  family's rate unless ``--lr`` is given.
 - **BatchNorm** outside the trained layer runs in eval mode (the thesis does not say; Keras freezes
   it); inside it stays in eval mode too by default (affine parameters train, statistics do not move), or
   uses batch statistics with ``--train-bn``.
@@ -28,16 +31,29 @@ from ..graph import Cut, FeaturesAndLogits
 from ..options import Renamed, option
 from ..runtime import seeded_generator
 from ..timm_io import last_layers
-from ..training import CachedData, batches_of, cache_outputs, epoch_order, run_cached, train_epochs
+from ..training import (
+    FINE_TUNE_RATES,
+    CachedData,
+    FamilyRates,
+    Recipe,
+    batches_of,
+    cache_outputs,
+    epoch_order,
+    fine_tune_recipe,
+    run_cached,
+    train_epochs,
+)
 from .base import BoostContext, MethodConfig, Stopwatch
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam")  # the coupling layer's
+STAGE_OPTIMIZERS = ("auto", "sgd", "adamw", "adam")
 
 
 @dataclass
 class RetrainConfig(MethodConfig):
     """Options of last-layers retraining (shared by ``lastlayer`` and ``supernet``)."""
 
+    rates: ClassVar[FamilyRates] = FINE_TUNE_RATES["lastlayer"]
     renamed: ClassVar[dict[str, Renamed]] = {
         "retrain_layers": Renamed("last_layers"),
         "bn": Renamed("train_bn", lambda mode: mode == "train", "train is --train-bn, eval is the default", kind=str),
@@ -48,10 +64,19 @@ class RetrainConfig(MethodConfig):
     )
     epochs_per_layer: int = option(3, "Epochs per retrained layer (the thesis used 3-4).", ge=1)
     optimizer: str = option(
-        "sgd", "Optimizer of each stage (a fresh one per stage): sgd (momentum 0.9, Nesterov) or adam.", choices=OPTIMIZERS
+        "auto",
+        "Optimizer of each stage (a fresh one per stage): auto (sgd for a BatchNorm network, adamw for any other), "
+        "sgd (momentum 0.9, Nesterov), adamw, or adam (no weight decay unless given).",
+        choices=STAGE_OPTIMIZERS,
     )
-    lr: float = option(0.003, "Learning rate of the layer stages (cosine-annealed over each stage).", gt=0)
-    weight_decay: float = option(0.0, "Weight decay of the layer stages (decoupled for adam).", ge=0)
+    lr: float | None = option(
+        None,
+        f"Learning rate of the layer stages, cosine-annealed over each stage (default: {FINE_TUNE_RATES['lastlayer'].describe('lr')}).",
+        gt=0,
+    )
+    weight_decay: float | None = option(
+        None, "Weight decay of the layer stages (default: 0 with SGD, 0.05 with AdamW, decoupled).", ge=0
+    )
     batch_size: int = option(128, "Training batch size.", ge=1)
     train_bn: bool = option(
         False, "Let BatchNorm inside the retrained layer use batch statistics (momentum update) instead of frozen ones."
@@ -78,6 +103,10 @@ class RetrainConfig(MethodConfig):
             from ..errors import PosthocError
 
             raise PosthocError("--bootstrap needs the feature cache; drop --no-feature-cache")
+
+    def recipe(self, model: nn.Module) -> Recipe:
+        """The stages' optimizer for ``model`` by the shared rule (:func:`posthoc.training.fine_tune_recipe`)."""
+        return fine_tune_recipe(model, self.rates, self.optimizer, self.lr, self.weight_decay)
 
 
 class Retrainer:
@@ -152,6 +181,7 @@ def retrain(
     stage_caches = {} if stage_caches is None else stage_caches
     n = len(data)
     indices = torch.randint(0, n, (n,), generator=seeded_generator(seed)) if cfg.bootstrap else torch.arange(n)
+    recipe = cfg.recipe(model)
     results = []
     for unit, names in enumerate(retrainer.units, start=1):
         stage = retrainer.stage_cut(unit)
@@ -203,9 +233,9 @@ def retrain(
             batches,
             select_logits,
             epochs=cfg.epochs_per_layer,
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
+            optimizer=recipe.optimizer,
+            lr=recipe.lr,
+            weight_decay=recipe.weight_decay,
             steps_per_epoch=len(batches_of(indices, cfg.batch_size)),
             train_modules=bn_modules if cfg.train_bn else [],
             select_by=cfg.select_by,

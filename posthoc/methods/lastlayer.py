@@ -1,9 +1,10 @@
 """``lastlayer``: last-layers retraining of one network (Bukowski 2020, §3.1).
 
 The network is frozen, its classifier retrained, then earlier layers one at a time, last first, each
-with a fresh optimizer (SGD momentum 0.9, cosine-annealed) on cached activations of the training
-images; each stage keeps its best epoch on the select part (epoch 0 included, so a stage that does not
-help changes nothing). The result is one network (a one-member artifact).
+with a fresh optimizer (cosine-annealed; SGD momentum 0.9 for a BatchNorm network, AdamW for any other)
+on cached activations of the training images; each stage keeps its best epoch on the select part (epoch
+0 included, so a stage that does not help changes nothing). The result is one network (a one-member
+artifact).
 
 Layer counting, BatchNorm and the feature cache are :mod:`posthoc.methods._layerwise`'s.
 """
@@ -58,6 +59,7 @@ class LastLayer(Method):
         (data,), (sel_cache,) = datas, sel_caches
         ctx.note("cache_mb", round(cache_megabytes(data.cache, sel_cache), 1))
         ctx.note("select_before", scores(retrainer.logits(sel_cache, ctx.device), sel_y))
+        ctx.note("optimizer", cfg.recipe(model).record())
         clock = Stopwatch()
         name = member_name(ctx.parent_specs[0])
         stages = retrain(

@@ -192,6 +192,7 @@ class ChildScorer:
                 self.inputs = [tuple(t.detach() for t in prefix(xb.to(device))[:nb]) for xb in x.split(batch)]
             else:
                 self.inputs = [(xb.to(device),) for xb in x.split(batch)]
+        self.batched = _from_images(prefix)[:nb] if prefix is not None else [True]
         self.parent_logits = self.logits({})
 
     def head(self, n: int) -> ChildScorer:
@@ -201,9 +202,9 @@ class ChildScorer:
         for args in self.inputs:
             if left <= 0:
                 break
-            b = args[0].shape[0]
-            cut = lambda a: a[:left] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == b else a
-            other.inputs.append(tuple(cut(a) for a in args) if b > left else args)
+            b = next(a.shape[0] for a, batched in zip(args, self.batched) if batched)
+            cut = lambda a, batched: a[:left] if batched else a  # a norm's weight may be as long as the batch
+            other.inputs.append(tuple(cut(a, batched) for a, batched in zip(args, self.batched)) if b > left else args)
             left -= b
         other.y, other.parent_logits = self.y[:n], self.parent_logits[:n]
         return other
@@ -222,6 +223,17 @@ class ChildScorer:
 
         outs = distributed.map_shards(batch_logits, self.inputs) if shard else [batch_logits(a) for a in self.inputs]
         return torch.cat(outs)
+
+
+def _from_images(prefix: torch.fx.GraphModule) -> list[bool]:
+    """Which outputs of a traced prefix depend on its input images (one row per image), rather than on
+    parameters alone."""
+    seen: set = set()
+    for node in prefix.graph.nodes:
+        if node.op == "placeholder" or any(a in seen for a in node.all_input_nodes):
+            seen.add(node)
+    output = next(n for n in prefix.graph.nodes if n.op == "output").args[0]
+    return [n in seen for n in (output if isinstance(output, (tuple, list)) else [output])]
 
 
 def kl_to_parent(parent_logits: torch.Tensor, child_logits: torch.Tensor) -> float:

@@ -1,6 +1,8 @@
 """``resample``: weight-parameter resampling (Liu et al. 2018, arXiv:1807.00847).
 
-The parent is fine-tuned for about one epoch with constant-rate SGD; after every optimizer step a
+The parent is fine-tuned for about one epoch at a constant rate (SGD for a BatchNorm network, the paper's
+setting; AdamW for any other, by the rule every fine-tune shares:
+:func:`posthoc.training.fine_tune_recipe`); after every optimizer step a
 Welford running mean and M2 of every trainable parameter are updated (paper eq. 2-3, the population
 variance M2 / n). The statistics give the **mean model** (every parameter at its running mean: one
 network with no inference overhead, the paper's "mean-resampled" model) and networks **drawn**
@@ -35,12 +37,24 @@ from ..errors import PosthocError
 from ..options import Renamed, option
 from ..runtime import progress, seeded_generator
 from ..timm_io import timm_config
-from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, train_steps
+from ..training import (
+    FINE_TUNE_RATES,
+    ImageBatches,
+    Recipe,
+    cache_outputs,
+    cycle,
+    fine_tune_optimizer,
+    fine_tune_recipe,
+    has_batchnorm,
+    recalibrate_bn,
+    train_steps,
+)
 from .base import BoostContext, Method, MethodConfig, Stopwatch
 from .registry import register
 
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STATS_FORMAT = "posthoc-welford"
+RATES = FINE_TUNE_RATES["resample"]
 
 
 @dataclass
@@ -48,9 +62,18 @@ class ResampleConfig(MethodConfig):
     renamed: ClassVar[dict[str, Renamed]] = {"scale": Renamed("std_scale")}
 
     epochs: float = option(1.0, "Fine-tune length in epochs over the training split (fractions allowed).", gt=0)
-    lr: float = option(0.1, "Constant SGD learning rate of the fine-tune (batch-mean loss).", gt=0)
-    momentum: float = option(0.0, "SGD momentum (0: plain SGD, the paper's eq. 1).", ge=0, lt=1)
-    weight_decay: float = option(0.0, "SGD weight decay during the fine-tune.", ge=0)
+    optimizer: str = option(
+        "auto",
+        "Optimizer of the fine-tune: auto (SGD for a BatchNorm network, the paper's; AdamW for any other), sgd or adamw.",
+        choices=("auto", "sgd", "adamw"),
+    )
+    lr: float | None = option(
+        None, f"Constant learning rate of the fine-tune, batch-mean loss (default: {RATES.describe('lr')}).", gt=0
+    )
+    momentum: float = option(0.0, "SGD momentum (0: plain SGD, the paper's eq. 1; AdamW: betas 0.9, 0.999).", ge=0, lt=1)
+    weight_decay: float | None = option(
+        None, f"Weight decay during the fine-tune (default: {RATES.describe('weight_decay')}, decoupled).", ge=0
+    )
     batch_size: int = option(128, "Fine-tune batch size per process (the paper's 128; N processes: N times it per step).", ge=1)
     augment: str = option(
         "light", "Fine-tune augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
@@ -234,11 +257,13 @@ def finetune_with_stats(
     device: torch.device | str = "cpu",
     amp: bool = False,
     show_progress: bool = False,
+    optimizer: str = "sgd",
 ) -> tuple[WelfordStats, dict[str, float]]:
-    """Fine-tune ``model`` in place for ``steps`` SGD steps and record the Welford statistics.
+    """Fine-tune ``model`` in place for ``steps`` steps and record the Welford statistics.
 
     Constant learning rate and batch-mean cross-entropy, model in train mode (the paper's fine-tuning
-    stage). Under torchrun the model trains as ``DistributedDataParallel`` on ``loader``'s share of every
+    stage), with ``optimizer`` ``sgd`` (classical momentum, the paper's) or ``adamw``
+    (:func:`posthoc.training.fine_tune_optimizer`). Under torchrun the model trains as ``DistributedDataParallel`` on ``loader``'s share of every
     global batch (``make_loader(..., shard="split")``), and every process records the same statistics
     (the weights are identical after every step). After optimizer step ``s`` (1-based) the weights are
     recorded when ``s > burn_in`` and
@@ -249,7 +274,8 @@ def finetune_with_stats(
     params = trainable_parameters(model)
     stats = WelfordStats(params, dtype)
     net = distributed.data_parallel(model, torch.device(device))  # the same weights on every process
-    opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    recipe = Recipe(optimizer, lr, weight_decay, "given")
+    opt, _ = fine_tune_optimizer(model, steps, recipe, schedule="constant", momentum=momentum, nesterov=False)
 
     def record(step: int) -> None:
         if step > burn_in and (step - burn_in) % every == 0:
@@ -378,13 +404,15 @@ class Resample(Method):
             ctx.log(f"re-drawing from {cfg.stats} ({stats.count} snapshots); no fine-tuning")
         else:
             clock = Stopwatch()
-            stats = self._finetune(ctx, cfg, model)
+            recipe = fine_tune_recipe(model, RATES, cfg.optimizer, cfg.lr, cfg.weight_decay)
+            ctx.note("optimizer", recipe.record())
+            stats = self._finetune(ctx, cfg, model, recipe)
             ctx.log(f"fine-tuned in {clock.seconds:.0f} s")
             if cfg.save_stats is not None and distributed.is_main():
                 finetune = {
-                    k: getattr(cfg, k)
-                    for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "burn_in", "every", "seed")
+                    k: getattr(cfg, k) for k in ("epochs", "momentum", "batch_size", "augment", "burn_in", "every", "seed")
                 }
+                finetune.update(optimizer=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay)
                 finetune["parent"] = ctx.parent_specs[0]
                 stats.save(
                     cfg.save_stats,
@@ -475,7 +503,7 @@ class Resample(Method):
         return [state_dicts[i] for i in chosen], ["mean" if i == 0 else f"sample-{i - 1}" for i in chosen]
 
     @staticmethod
-    def _finetune(ctx: BoostContext, cfg: ResampleConfig, model: nn.Module) -> WelfordStats:
+    def _finetune(ctx: BoostContext, cfg: ResampleConfig, model: nn.Module, recipe: Recipe) -> WelfordStats:
         loader = ctx.train_loader(cfg.batch_size, seed=cfg.seed, augment=cfg.augment, shard="split")
         per_epoch = len(loader)
         if per_epoch == 0:
@@ -493,7 +521,8 @@ class Resample(Method):
         processes = distributed.world_size()
         batch = f"global batch {cfg.batch_size * processes} ({processes} processes x {cfg.batch_size}), " if processes > 1 else ""
         ctx.log(
-            f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), {batch}lr {cfg.lr}, momentum {cfg.momentum}"
+            f"fine-tuning {steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} batches), {batch}{recipe.optimizer} "
+            f"lr {recipe.lr:g}" + (f", momentum {cfg.momentum}" if recipe.optimizer == "sgd" else "") + f" ({recipe.reason})"
         )
         if processes > 1:
             ctx.note("processes", processes)
@@ -502,9 +531,10 @@ class Resample(Method):
             model,
             loader,
             steps,
-            lr=cfg.lr,
+            lr=recipe.lr,
             momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            weight_decay=recipe.weight_decay,
+            optimizer=recipe.optimizer,
             burn_in=cfg.burn_in,
             every=cfg.every,
             dtype=STATS_DTYPES[cfg.stats_dtype],

@@ -1,15 +1,45 @@
-"""``sparse``: Sparse Subnetwork Ensembles, prune and tune (Whitaker 2023, ch. 5-6).
+"""``sparse``: children tuned from the parent: Sparse Subnetwork Ensembles, prune and tune (Whitaker 2023,
+ch. 5-6), and its dense, diverse and trajectory variants.
 
-Each child starts from the parent with a random subset of its conv and linear weights pruned
-(``--keep`` of them kept, layerwise) and is retrained briefly with a high-rate one-cycle schedule, which
-pushes it out of the parent's basin; the children (and the parent with ``--include-parent``) are
-averaged as probabilities, or coupled by a trained SuperNet layer (``--couple``). ``--keep 1.0`` prunes
-nothing: the children are only re-tuned with the one-cycle schedule (the dense ablation).
+One concept: every member but the parent is a *child*, a copy of the parent tuned briefly on the
+training split with a high-rate one-cycle schedule, which pushes it out of the parent's basin; the
+children (and the parent with ``--include-parent``) are averaged as probabilities, or coupled by a
+trained SuperNet layer (``--couple``).
 
-Defaults: two dense children (``--keep 1.0``) of two epochs each at ``--max-lr 0.05``, plus the parent
-(chosen on the select part: ``benchmarks/results/sparse_select.md``). Any pruning option
-(``--partition``, ``--anneal``, ``--structure``, ...) given without ``--keep`` prunes half the weights,
-the thesis's recipe.
+What varies is how a child differs from its siblings:
+
+- **a pruned subnetwork** (the thesis): a random subset of its conv and linear weights pruned
+  (``--keep`` of them kept, layerwise). ``--keep 1.0`` prunes nothing: the children are only re-tuned
+  (the dense ablation, the default).
+- **its own training problem** (``--child-diversity``, :mod:`posthoc.methods._children`): ``hyper``
+  draws each child's label smoothing, weight decay and augmentation strength (Wenzel et al. 2020,
+  hyper-deep ensembles); ``classweights`` weights each child's cross-entropy by random class weights
+  (Franchi et al. 2024). Children re-tuned from one checkpoint stay in its basin and give about half a
+  deep ensemble's gain, no more than test-time flips (``--tta``) or longer training; each member must buy
+  diversity with its training epochs. Combines with every other option.
+- **its place on a trajectory** (``--schedule trajectory``; Garipov et al. 2018 FGE, Huang et al. 2017
+  snapshot ensembles): child i starts from child i-1's end weights (child 0 from the parent), each a
+  one-cycle segment of ``--child-epochs``, one member per cycle end. A trajectory of one cycle is the
+  independent child 0 exactly. It is sequential: under torchrun rank 0 tunes every cycle and the other
+  processes wait. Our choice where the papers differ: each segment is a fresh one-cycle run (fresh
+  optimizer state), the thesis's child recipe, rather than one continuous cyclic run.
+
+Defaults: two dense children (``--keep 1.0``) of two epochs each, plus the parent (chosen on the select
+part: ``benchmarks/results/sparse_select.md``). Any pruning option (``--partition``, ``--anneal``,
+``--structure``, ...) given without ``--keep`` prunes half the weights, the thesis's recipe.
+
+Two first-class configurations for a budget of twice the parent:
+
+- ``--members 2 --include-parent``: the parent and one child (2x the parent's inference cost);
+- ``--members 1 --no-include-parent --child-epochs N``: the parent fine-tuned as one network for N
+  epochs, the benchmark's "train longer" peer (1x inference, N epochs of training).
+
+**Optimizer** (:func:`posthoc.training.fine_tune_recipe`, the rule every fine-tuning method shares):
+``--optimizer auto`` is SGD with Nesterov momentum for a BatchNorm network (its rates were chosen on
+CIFAR ResNets) and AdamW for any other (ViT, ConvNeXt and other LayerNorm networks, which timm
+fine-tunes with AdamW): ``--max-lr`` defaults to 0.05 with SGD and 2e-4 with AdamW, ``--weight-decay``
+to 5e-4 and 0.05 (decoupled, none on biases, norms and position embeddings). The rule is recorded in
+the artifact (measured ``optimizer``).
 
 Choices where the thesis is silent or inconsistent:
 
@@ -29,21 +59,20 @@ Choices where the thesis is silent or inconsistent:
   tau cosine-annealed from ``--tau0`` to 0; or the "random" schedule from a uniform draw to the
   target), never written into the stored weights (the trap in Algorithm 3's pseudo-code); once tau is 0
   the child is exactly the pruned child.
-- **BatchNorm** statistics are re-estimated for every child after tuning (``--bn-batches``), and the
-  combination is softmax-then-mean (the thesis's stated rule; its pseudo-code's parent member is
-  ``--include-parent``).
+- **BatchNorm** statistics are re-estimated for every child after tuning (``--bn-batches``; every
+  trajectory member too), and the combination is softmax-then-mean (the thesis's stated rule; its
+  pseudo-code's parent member is ``--include-parent``). A network without BatchNorm has nothing to
+  re-estimate (LayerNorm normalizes each input by itself).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .. import distributed
 from ..ensemble import Combine, Ensemble, MemberGroup
@@ -51,12 +80,15 @@ from ..errors import PosthocError
 from ..graph import FeaturesAndLogits
 from ..metrics import mean_disagreement, scores
 from ..options import option
-from ..runtime import derive_seed, seeded_generator
+from ..runtime import seeded_generator
 from ..timm_io import last_layers, timm_config
-from ..training import ImageBatches, cache_outputs, cycle, has_batchnorm, recalibrate_bn, sgd_with_schedule, train_steps
+from ..training import FINE_TUNE_RATES, OPTIMIZERS, cache_outputs, fine_tune_recipe
+from ._children import DIVERSITY, LABEL_SMOOTHING, WEIGHT_DECAY_FACTOR, ChildMask, ranges, tune_child
 from ._coupling import CouplingConfig, couple
 from .base import BoostContext, Method, Stopwatch
 from .registry import register
+
+RATES = FINE_TUNE_RATES["sparse"]
 
 
 @dataclass
@@ -94,17 +126,42 @@ class SparseConfig(CouplingConfig):
     )
     schedule: str = option(
         "onecycle",
-        "Learning rate per batch: onecycle (warm-up to --max-lr, cosine down) or constant (--max-lr throughout).",
-        choices=("onecycle", "constant"),
+        "Learning rate per batch: onecycle (warm-up to --max-lr, cosine down), constant (--max-lr throughout), or "
+        "trajectory (one-cycle segments chained: child i starts from child i-1's end weights; sequential, on rank 0).",
+        choices=("onecycle", "constant", "trajectory"),
     )
-    max_lr: float = option(0.05, "Peak learning rate of each child's tuning.", gt=0)
+    optimizer: str = option(
+        "auto",
+        "Optimizer of the tuning: auto (SGD Nesterov for a BatchNorm network, AdamW for any other), sgd or adamw.",
+        choices=OPTIMIZERS,
+    )
+    max_lr: float | None = option(None, f"Peak learning rate of each child's tuning (default: {RATES.describe('lr')}).", gt=0)
     pct_start: float = option(0.1, "Fraction of the tuning spent warming up (onecycle).", gt=0, lt=1)
     div_factor: float = option(100.0, "Initial learning rate = max-lr / div-factor (onecycle).", gt=0)
     final_div_factor: float = option(1e4, "Final learning rate = initial / final-div-factor (onecycle).", gt=0)
     momentum: float = option(
-        0.9, "SGD momentum (Nesterov) with --schedule constant; onecycle cycles it between 0.85 and 0.95.", ge=0, lt=1
+        0.9,
+        "SGD momentum (Nesterov) with --schedule constant; onecycle cycles it between 0.85 and 0.95 (AdamW: betas 0.9, 0.999).",
+        ge=0,
+        lt=1,
     )
-    weight_decay: float = option(5e-4, "SGD weight decay.", ge=0)
+    weight_decay: float | None = option(
+        None, f"Weight decay (default: {RATES.describe('weight_decay')}, decoupled, not on biases and norms).", ge=0
+    )
+    child_diversity: str = option(
+        "none",
+        "Each child's own training problem: none; hyper (its own label smoothing U[{:g}, {:g}], weight decay x a "
+        "log-uniform factor in [{:g}, {:g}], light pad-crop of U[1/16, 1/4] of the side or timm min crop area "
+        "U[0.08, 0.5]); or classweights (its cross-entropy weights classes by C x Dirichlet(--class-weight-concentration)).".format(
+            *LABEL_SMOOTHING, *WEIGHT_DECAY_FACTOR
+        ),
+        choices=DIVERSITY,
+    )
+    class_weight_concentration: float = option(
+        10.0,
+        "Dirichlet concentration of --child-diversity classweights: class weights have mean 1 and spread ~1/sqrt(this).",
+        gt=0,
+    )
     child_epochs: float = option(2.0, "Epochs of tuning per child over the training split (fractions allowed).", gt=0)
     batch_size: int = option(128, "Tuning batch size.", ge=1)
     augment: str = option(
@@ -170,6 +227,16 @@ class SparseConfig(CouplingConfig):
             raise PosthocError("--anneal random is defined for independent masks or pairs (--partition 1 or 2)")
         if self.couple and self.include_parent:
             raise PosthocError("--couple trains a layer over the children only; drop --include-parent")
+        if self.schedule == "trajectory" and self.keep < 1:
+            raise PosthocError(
+                f"--schedule trajectory chains dense children (each starts from the previous one's weights); it cannot "
+                f"prune (--keep {self.keep:g}): use --keep 1.0 and no pruning option"
+            )
+        concentration = type(self).__dataclass_fields__["class_weight_concentration"].default
+        if self.class_weight_concentration != concentration and self.child_diversity != "classweights":
+            raise PosthocError(
+                "--class-weight-concentration shapes --child-diversity classweights; add it or drop the concentration"
+            )
 
 
 # ------------------------------------------------------------------------------------ masks
@@ -193,15 +260,6 @@ def prunable_tensors(model: nn.Module, cfg: SparseConfig) -> list[str]:
     if not names:
         raise PosthocError("no tensors to prune with these options; widen --last-layers or allow --prune-classifier")
     return names
-
-
-@dataclass
-class ChildMask:
-    """What one child keeps: per tensor a 0/1 ``mask``, and ``score`` in [0, 1] (the uniform draw the
-    mask thresholds, seen from this sibling), which the random annealing schedule starts from."""
-
-    mask: dict[str, torch.Tensor]
-    score: dict[str, torch.Tensor]
 
 
 def group_masks(parent: nn.Module, names: list[str], cfg: SparseConfig, group: int) -> list[ChildMask]:
@@ -236,129 +294,6 @@ def group_masks(parent: nn.Module, names: list[str], cfg: SparseConfig, group: i
     return [ChildMask({n: m.to(parent.get_parameter(n).device) for n, m in mk.items()}, sc) for mk, sc in zip(masks, scores_)]
 
 
-class Masked(nn.Module):
-    """Parametrization ``weight = stored * mask``: ``mask`` is the child's own, or a per-minibatch sample
-    while annealing. Only the forward pass sees it; the stored weight is never overwritten."""
-
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask.to(torch.float32), persistent=False)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask.to(weight.dtype)
-
-
-class Annealer:
-    """Draws every minibatch's forward masks of an annealed child (thesis ch. 6).
-
-    ``temperature``: keep probability 1 for kept weights and ``tau`` for pruned ones, tau cosine-annealed
-    from ``tau0`` to 0 over ``steps``; ``random``: probability ``(1 - a) * score + a * mask`` with ``a``
-    rising linearly from 0 to 1. At the last step the sampled mask is the child's mask exactly.
-    """
-
-    def __init__(self, child: ChildMask, params: dict[str, Masked], cfg: SparseConfig, steps: int, seed: int):
-        self.child, self.params, self.cfg, self.steps = child, params, cfg, max(1, steps)
-        self.gen = seeded_generator(seed)
-
-    def probability(self, name: str, step: int) -> torch.Tensor:
-        t = min(step, self.steps) / self.steps
-        mask = self.child.mask[name].float()
-        if self.cfg.anneal == "temperature":
-            tau = self.cfg.tau0 * 0.5 * (1 + math.cos(math.pi * t))
-            return mask + (1 - mask) * tau
-        return (1 - t) * self.child.score[name].float() + t * mask
-
-    def draw(self, step: int) -> None:
-        """Set every parametrization's mask for the batch after optimizer step ``step`` (0: the first)."""
-        for name, masked in self.params.items():
-            if step >= self.steps:
-                masked.mask.copy_(self.child.mask[name])
-                continue
-            prob = self.probability(name, step)
-            sample = torch.rand(prob.shape, generator=self.gen) < prob.cpu()
-            masked.mask.copy_(sample.to(masked.mask.device))
-
-
-# ------------------------------------------------------------------------------------ one child
-def tune_child(
-    parent: nn.Module, child: ChildMask | None, cfg: SparseConfig, ctx: BoostContext, index: int
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Child ``index``: the parent with ``child``'s mask (``None``: dense), tuned on the training split.
-
-    Independent of every other child (its data order, bootstrap sample, annealing and augmentation draws
-    come from (seed, index)), so children can be tuned anywhere in any order: under torchrun each process
-    tunes its own share. Returns the child in eval mode, its pruned weights exactly zero and its BatchNorm
-    statistics re-estimated, and a summary.
-    """
-    seed = derive_seed(cfg.seed, 1000 + index)
-    with torch.random.fork_rng(devices=[]):  # augmentations draw from the global generator: seed it per child
-        torch.manual_seed(seed)
-        return _tune(parent, child, cfg, ctx, index, seed)
-
-
-def _tune(
-    parent: nn.Module, child: ChildMask | None, cfg: SparseConfig, ctx: BoostContext, index: int, seed: int
-) -> tuple[nn.Module, dict[str, Any]]:
-    model = copy.deepcopy(parent).train()
-    frozen_bn = _freeze_outside(model, cfg.last_layers)
-    masked: dict[str, Masked] = {}
-    for name, mask in (child.mask if child is not None else {}).items():
-        owner, _, attr = name.rpartition(".")
-        masked[name] = Masked(mask)
-        parametrize.register_parametrization(model.get_submodule(owner), attr, masked[name])
-    sample = None
-    if cfg.bootstrap:
-        sample = torch.randint(0, ctx.train_size, (ctx.train_size,), generator=seeded_generator(seed, 1)).tolist()
-    loader = ctx.train_loader(cfg.batch_size, seed=seed, augment=cfg.augment, sample=sample)
-    steps = max(1, round(cfg.child_epochs * len(loader)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = sgd_with_schedule(
-        params,
-        steps,
-        schedule=cfg.schedule,
-        max_lr=cfg.max_lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        pct_start=cfg.pct_start,
-        div_factor=cfg.div_factor,
-        final_div_factor=cfg.final_div_factor,
-    )
-    annealer = None
-    if cfg.anneal != "none" and child is not None:
-        anneal_steps = round(min(cfg.anneal_epochs, cfg.child_epochs) / cfg.child_epochs * steps)
-        annealer = Annealer(child, masked, cfg, anneal_steps, derive_seed(seed, 2))
-        annealer.draw(0)
-    for bn in frozen_bn:  # the shared trunk keeps the parent's statistics
-        bn.eval()
-    losses = train_steps(
-        model,
-        cycle(loader, steps),
-        opt,
-        steps=steps,
-        scheduler=sched,
-        device=ctx.device,
-        amp=ctx.amp,
-        after_step=annealer.draw if annealer else None,
-        show_progress=ctx.show_progress,
-        description=f"child {index + 1}/{cfg.children}",
-    )
-    for name, m in masked.items():  # the stored weight times the child's mask, exactly
-        m.mask.copy_(child.mask[name])
-        owner, _, attr = name.rpartition(".")
-        parametrize.remove_parametrizations(model.get_submodule(owner), attr, leave_parametrized=True)
-    model.eval()
-    if cfg.bn_batches and has_batchnorm(model):
-        batches = ImageBatches(lambda: ctx.train_loader(128, seed=cfg.seed, augment="none"), cfg.bn_batches)
-        tuned = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_bn]
-        recalibrate_bn(model, batches, ctx.device, modules=tuned if frozen_bn else None)
-    window = max(1, len(losses) // 10)
-    return model, {
-        "steps": len(losses),
-        "first_loss": round(sum(losses[:window]) / window, 5),
-        "last_loss": round(sum(losses[-window:]) / window, 5),
-    }
-
-
 def _child(parent: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A tuned child back as a module (children travel between processes as state dicts)."""
     model = copy.deepcopy(parent)
@@ -366,24 +301,15 @@ def _child(parent: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def _freeze_outside(model: nn.Module, layers: int | None) -> list[nn.Module]:
-    """Freeze every parameter outside the last ``layers`` layers (``None``: nothing); return the BatchNorm
-    layers outside them, which must keep the parent's statistics so the trunk stays shared."""
-    if layers is None:
-        return []
-    scope = {n for group in last_layers(model, layers) for n in group}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in scope)
-    owners = {n.rsplit(".", 1)[0] for n in scope}
-    return [m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n not in owners]
-
-
 # ------------------------------------------------------------------------------------ the method
 @register
 class Sparse(Method):
     name = "sparse"
     Config = SparseConfig
-    summary = "Prune random subnetworks of the parent (partitioned masks) and tune each briefly with a one-cycle schedule."
+    summary = (
+        "Children tuned briefly from the parent (one-cycle): random pruned subnetworks (partitioned masks), each with its "
+        "own hyper-parameters or class weights, or chained as a trajectory."
+    )
 
     def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
         """Children are full networks unless ``--last-layers`` confines them to the last layers (the rest
@@ -403,7 +329,10 @@ class Sparse(Method):
         parent = ctx.parent.eval()
         names = prunable_tensors(parent, cfg) if cfg.keep < 1 else []
         p = cfg.siblings
+        recipe = fine_tune_recipe(parent, RATES, cfg.optimizer, cfg.max_lr, cfg.weight_decay)
+        trajectory = cfg.schedule == "trajectory"
         ctx.note("budget_parent_epochs", cfg.parent_epochs)
+        ctx.note("optimizer", recipe.record())
         ctx.note(
             "masks",
             {
@@ -414,35 +343,46 @@ class Sparse(Method):
                 "elements": int(sum(parent.get_parameter(n).numel() for n in names)),
             },
         )
+        if cfg.child_diversity != "none":
+            ctx.note("diversity", {"kind": cfg.child_diversity, **self._diversity_record(cfg)})
         ctx.log(
             f"training budget: {cfg.children} children x {cfg.child_epochs:g} epochs = {cfg.parent_epochs:g} parent-epochs "
             f"(keep {cfg.keep:g}" + (f", {p} partitioned siblings per mask" if p > 1 else "") + ")"
         )
+        ctx.log(f"optimizer: {recipe.optimizer}, peak rate {recipe.lr:g}, weight decay {recipe.weight_decay:g} ({recipe.reason})")
 
-        def tune(index: int) -> tuple:  # child `index` depends on (seed, index) alone: any process tunes it the same
+        def tune(index: int, start: nn.Module = parent) -> tuple:
+            # child `index` depends on (seed, index) and its start alone: any process tunes it the same
             clock = Stopwatch()
             group, sibling = divmod(index, p)
             child_mask = group_masks(parent, names, cfg, group)[sibling] if names else None
-            model, summary = tune_child(parent, child_mask, cfg, ctx, index)
+            model, summary = tune_child(start, child_mask, cfg, ctx, index, recipe)
             (logits,), select_y = cache_outputs([lambda x, m=model: (m(x),)], ctx.select_loader(256), ctx.device)
             summary["select"] = {k: round(v, 4) for k, v in scores(logits[0], select_y).items()}
-            name = f"child-{index}" if p == 1 else f"g{group}s{sibling}"
+            name = f"cycle-{index}" if trajectory else f"child-{index}" if p == 1 else f"g{group}s{sibling}"
             line = (
                 f"{name}: select top-1 {summary['select']['top1']:.2f}% NLL {summary['select']['nll']:.4f} "
                 f"({clock.seconds:.0f} s, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f})"
             )
             ctx.log(line)
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            return name, summary, logits[0], select_y, state, line
+            return name, summary, logits[0], select_y, state, line, model
 
-        # each process tunes its block of the children; rank 0 gets them all
-        tuned = distributed.map_shards(tune, range(cfg.children), main_only=True)
-        if tuned is None:
-            return None
-        mine = distributed.shard(cfg.children)
-        for index, (*_, line) in enumerate(tuned):
-            if index not in mine:  # tuned by another process, which does not print
-                ctx.log(line)
+        if trajectory:  # sequential: rank 0 tunes every cycle, the other processes wait (boost's barrier)
+            if not distributed.is_main():
+                return None
+            tuned, start = [], parent
+            for index in range(cfg.children):
+                *result, start = tune(index, start)  # the next cycle starts from this cycle's end
+                tuned.append(tuple(result))
+        else:  # each process tunes its block of the children; rank 0 gets them all
+            tuned = distributed.map_shards(lambda i: tune(i)[:-1], range(cfg.children), main_only=True)
+            if tuned is None:
+                return None
+            mine = distributed.shard(cfg.children)
+            for index, (*_, line) in enumerate(tuned):
+                if index not in mine:  # tuned by another process, which does not print
+                    ctx.log(line)
         names_out = [t[0] for t in tuned]
         summaries = {t[0]: t[1] for t in tuned}
         select_logits = [t[2] for t in tuned]
@@ -456,6 +396,13 @@ class Sparse(Method):
         member_names = (["parent"] if cfg.include_parent else []) + names_out
         group = MemberGroup.from_state_dicts(timm_config(parent), state_dicts, member_names)
         return Ensemble(groups=[group], combine=Combine(rule="prob_mean"))
+
+    @staticmethod
+    def _diversity_record(cfg: SparseConfig) -> dict[str, Any]:
+        """The declared ranges of ``--child-diversity`` (the draws themselves are in each child's summary)."""
+        if cfg.child_diversity == "classweights":
+            return {"class_weights": f"C x Dirichlet({cfg.class_weight_concentration:g})"}
+        return {"ranges": ranges()}
 
     @staticmethod
     def _coupled(children: list[nn.Module], names: list[str], cfg: SparseConfig, ctx: BoostContext) -> Ensemble:

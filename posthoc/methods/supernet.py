@@ -17,8 +17,9 @@ Choices where the thesis is silent or ambiguous:
 - **Overconfidence** (the thesis's "loss function dilemma"): the members were trained on the very
   images the layer is trained on, so it learns to trust them too much: epochs are compared after
   each one's own temperature, and boost's final temperature (``--temperature-scaling``) is kept.
-- **Copies of one checkpoint** are retrained at a high rate (SGD 0.05) on bootstrap samples and each
-  layer keeps its *last* epoch, so the copies move apart.
+- **Copies of one checkpoint** are retrained at a high rate (SGD 0.05 for a BatchNorm network, AdamW
+  5e-4 for any other: :func:`posthoc.training.fine_tune_recipe`) on bootstrap samples and each layer
+  keeps its *last* epoch, so the copies move apart.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..metrics import mean_disagreement, scores
 from ..options import Renamed, option
 from ..runtime import derive_seed
 from ..sources import member_name
-from ..training import cache_outputs, run_cached
+from ..training import FINE_TUNE_RATES, FamilyRates, cache_outputs, run_cached
 from ._coupling import CouplingConfig, couple
 from ._layerwise import RetrainConfig, Retrainer, cache_megabytes, retrain, select_data, training_data
 from .base import BoostContext, Method, Stopwatch
@@ -49,13 +50,17 @@ from .registry import register
 
 @dataclass
 class SuperNetConfig(RetrainConfig, CouplingConfig):
+    rates: ClassVar[FamilyRates] = FINE_TUNE_RATES["supernet"]
     renamed: ClassVar[dict[str, Renamed]] = {**RetrainConfig.renamed, "scale": Renamed("coupling_divisor")}
 
     last_layers: int | None = option(
         None, "Layers of each member retrained before coupling, last first (default: 2 from one parent, 0 from several).", ge=0
     )
-    lr: float = option(
-        0.05, "Learning rate of the layer stages (cosine-annealed over each stage); high, so that copies move apart.", gt=0
+    lr: float | None = option(
+        None,
+        "Learning rate of the layer stages, cosine-annealed over each stage; high, so that copies move apart "
+        f"(default: {FINE_TUNE_RATES['supernet'].describe('lr')}).",
+        gt=0,
     )
     bootstrap: bool | None = option(
         None, "Train each member on a bootstrap sample of the training images (default: on for copies of one parent)."
@@ -128,6 +133,8 @@ class SuperNet(Method):
         cfg: SuperNetConfig = self.config.resolved(len(ctx.parents))
         copies, layers = cfg.copies, cfg.last_layers
         ctx.note("resolved", {"copies": copies, "last_layers": layers, "bootstrap": cfg.bootstrap, "select_by": cfg.select_by})
+        if layers:
+            ctx.note("optimizer", cfg.recipe(ctx.parent).record())
 
         # members start as copies of their parent (the parents themselves stay untouched)
         members: list[tuple[str, int, Retrainer]] = []
