@@ -43,6 +43,31 @@ GRID: dict[str, tuple[float, str, dict]] = {
     ),
     "p3x2": (6, "parent + 3 children x 2 epochs", {"members": 4, "child_epochs": 2.0}),
     "p2x3": (6, "parent + 2 children x 3 epochs", {"members": 3, "child_epochs": 3.0}),
+    # phase 2: children that keep the parent's accuracy (a lower rate) and children made different on purpose
+    "p1x2-lr02": (2, "parent + 1 child x 2 epochs at max-lr 0.02", {"members": 2, "child_epochs": 2.0, "max_lr": 0.02}),
+    "p1x4-lr02": (4, "parent + 1 child x 4 epochs at max-lr 0.02", {"members": 2, "child_epochs": 4.0, "max_lr": 0.02}),
+    "p2x2-lr02": (4, "parent + 2 children x 2 epochs at max-lr 0.02", {"members": 3, "child_epochs": 2.0, "max_lr": 0.02}),
+    "p2x2-hyper": (
+        4,
+        "parent + 2 children x 2 epochs, hyper-parameter diversity",
+        {"members": 3, "child_epochs": 2.0, "child_diversity": "hyper"},
+    ),
+    "p2x2-cw": (
+        4,
+        "parent + 2 children x 2 epochs, random class weights",
+        {"members": 3, "child_epochs": 2.0, "child_diversity": "classweights"},
+    ),
+    "p2x2-lr02-cw": (
+        4,
+        "parent + 2 children x 2 epochs at max-lr 0.02, random class weights",
+        {"members": 3, "child_epochs": 2.0, "max_lr": 0.02, "child_diversity": "classweights"},
+    ),
+    "p1x2-cw": (
+        2,
+        "parent + 1 child x 2 epochs, random class weights",
+        {"members": 2, "child_epochs": 2.0, "child_diversity": "classweights"},
+    ),
+    "traj-p2x2": (4, "parent + trajectory of 2 cycles x 2 epochs", {"members": 3, "child_epochs": 2.0, "schedule": "trajectory"}),
 }
 
 
