@@ -88,7 +88,9 @@ def calibrate(
     measured = dict(provenance.measured)
     measured["calibration"] = {**fit, "command": command} if command else fit
     measured["views"] = record["views"]
-    data_record = provenance.data or {"dataset": str(run.data.data), "tuned_on": str(run.select), "select_size": len(dataset)}
+    fresh = run.data_record(earlier=provenance.data, preprocessing=False)  # the digests of every image tuned on
+    digests = {"tuned_images": fresh["tuned_images"]} if "tuned_images" in fresh else {}
+    data_record = {**provenance.data, **digests} if provenance.data else fresh
     metrics = {**provenance.metrics, str(MetricKey(str(run.select), "calibrated")): fit["select_after"]}
     provenance = dataclasses.replace(
         provenance, measured=measured, data=data_record, metrics=metrics, command=provenance.command or command

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -48,6 +49,12 @@ class Method:
         """The ensemble. Under torchrun every process calls it and does its share of the work; only rank 0's
         result is used (the others may return ``None``)."""
         raise NotImplementedError
+
+    @classmethod
+    def wrote(cls, path: Path) -> bool:
+        """True when the existing file ``path`` is one this method writes through an option declared
+        ``role="output"`` (a rerun may then replace it without ``--overwrite``); default: never."""
+        return False
 
     def includes_parent(self) -> bool:
         """Whether one member of what :meth:`build` returns is the unchanged parent (recorded in the artifact)."""
