@@ -292,14 +292,14 @@ def scan_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     empty = []
     for index, name in enumerate(classes):
         seen: set[str] = set()
-        found = 0
-        for root, dirs, files in sorted(os.walk(folder / name, followlinks=True)):
-            real = os.path.realpath(root)
-            if real in seen:
-                dirs[:] = []
-                continue
-            seen.add(real)
+        walked = []
+        for root, dirs, files in os.walk(folder / name, followlinks=True):
+            seen.add(os.path.realpath(root))
             dirs[:] = [d for d in dirs if not is_hidden(d) and os.path.realpath(os.path.join(root, d)) not in seen]
+            seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # each reached once, by one path
+            walked.append((root, files))
+        found = 0
+        for root, files in sorted(walked):  # torchvision's order
             for file in sorted(files):
                 if not is_hidden(file) and file.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(root, file), index))
@@ -493,7 +493,13 @@ class ImageSet(Dataset):
                 _SKIPPED.value += 1
             print(printable(f"warning: skipped unreadable image {where} ({first_line(e)})"), file=sys.stderr)
             return None
-        item = (self.transform(image) if self.transform is not None else image), self.targets[i]
+        try:
+            item = (self.transform(image) if self.transform is not None else image), self.targets[i]
+        except (RuntimeError, ValueError, TypeError, ZeroDivisionError, OverflowError, MemoryError) as e:
+            raise PosthocError(
+                f"cannot preprocess image {self.source.describe(i)} ({first_line(e)[:160]}); check --img-size, --crop-pct, "
+                "--mean and --std, and the model's own preprocessing (pretrained_cfg)"
+            ) from None
         return item if digest is None else (*item, int.from_bytes(bytes.fromhex(digest), "big"))
 
     def relabel(self, classes: Sequence[str]) -> None:

@@ -36,9 +36,11 @@ class Spec:
     what = "a value"
 
     def check(self, value: Any, name: str) -> Any:
+        """``value`` (the field ``name``) when it fits, else :class:`Invalid`; subclasses check their shape."""
         return value
 
     def fail(self, value: Any, name: str, what: str | None = None) -> None:
+        """Raise :class:`Invalid`: the field ``name`` must be ``what`` (default: this spec's description)."""
         raise Invalid(name, what or self.what, value)
 
 
@@ -47,6 +49,8 @@ class Anything(Spec):
 
 
 class Flag(Spec):
+    """``true`` or ``false`` (not 0 or 1)."""
+
     what = "true or false"
 
     def check(self, value: Any, name: str) -> Any:
@@ -131,7 +135,14 @@ class Maybe(Spec):
         self.what = f"{spec.what} or null"
 
     def check(self, value: Any, name: str) -> Any:
-        return None if value is None else self.spec.check(value, name)
+        if value is None:
+            return None
+        try:
+            return self.spec.check(value, name)
+        except Invalid as e:
+            if e.name == name:  # this value itself, not a field inside it: say null would do too
+                raise Invalid(name, self.what, value) from None
+            raise
 
 
 class Either(Spec):

@@ -30,7 +30,7 @@ from .errors import PosthocError, first_line
 from .fused import EnsembleModule
 from .paths import read_json_file, read_text_file
 from .timm_io import (
-    PRETRAINED_CFG,
+    PRETRAINED_FIELDS,
     build_from_timm_config,
     check_timm_config,
     checkpoint_num_classes,
@@ -274,5 +274,5 @@ def _timm_config_beside(path: Path, arch: str) -> dict | None:
         return None
     if isinstance(config, dict) and config.get("architecture") == arch and isinstance(config.get("pretrained_cfg"), dict):
         config = check_timm_config(config, str(file))
-        return {k: v for k, v in config["pretrained_cfg"].items() if k in PRETRAINED_CFG.optional}
+        return {k: v for k, v in config["pretrained_cfg"].items() if k in PRETRAINED_FIELDS.optional}
     return None

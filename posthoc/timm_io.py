@@ -56,7 +56,16 @@ MAX_CLASSES = 1_000_000
 SIZE = ListOf(Integer(ge=PIXELS["ge"], le=PIXELS["le"]), length=3)  # (channels, height, width)
 
 
-PRETRAINED_CFG = Record(
+def _channels_agree(cfg: dict[str, Any]) -> str | None:
+    """For :data:`PRETRAINED_CFG`: ``mean`` and ``std`` give one value, or one per input channel."""
+    channels = (cfg.get("input_size") or [3])[0]
+    for key in ("mean", "std"):
+        if key in cfg and len(cfg[key]) not in (1, channels):
+            return f"an object whose {key} has 1 or {channels} values (one per input channel), not {len(cfg[key])}"
+    return None
+
+
+PRETRAINED_FIELDS = Record(
     optional={
         "input_size": SIZE,
         "test_input_size": Maybe(SIZE),
@@ -76,6 +85,7 @@ PRETRAINED_CFG = Record(
         "architecture": Text(r"[A-Za-z0-9_]+", "a timm architecture name"),
     }
 )
+PRETRAINED_CFG = Where(PRETRAINED_FIELDS, _channels_agree)
 """The ``pretrained_cfg`` fields posthoc and timm's data pipeline read; others (``license``, ``paper_ids``,
 ``hf_hub_id`` ...) are descriptive and never used (models are built with ``pretrained=False``)."""
 
@@ -93,6 +103,7 @@ class ModelArgs(Spec):
     )
 
     def check(self, value: Any, name: str) -> Any:
+        """Every key an architecture keyword, every value plain data."""
         if not isinstance(value, dict):
             self.fail(value, name, "an object")
         allowed = architecture_keywords()
