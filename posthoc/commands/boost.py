@@ -162,10 +162,12 @@ def boost(
         for line in runner.fit_budget(run.models, opts.inference_budget, set(method_values)):
             log(line)
     seed_everything(runner.config.seed)
+    skipped_before = data_mod.skipped_images()  # counted per process since it started: this run's is the difference
     clock = Stopwatch()
     ensemble = runner.build(ctx)  # every process does its share; the ensemble is complete on rank 0
     distributed.barrier()  # rank 0 may have trained alone for a while: wait without a time limit
-    skipped_elsewhere = int(distributed.sum_across(data_mod.skipped_images())) - data_mod.skipped_images()
+    skipped_here = data_mod.skipped_images() - skipped_before
+    skipped_elsewhere = int(distributed.sum_across(skipped_here)) - skipped_here
 
     def on_rank_zero() -> dict[str, Any]:
         final, teacher = (out, outputs[0].path) if opts.distill else (out, out)
@@ -188,7 +190,7 @@ def boost(
         )
         log(f"writing {teacher} ...")
         save(ensemble_, teacher, provenance, overwrite=output.overwrite, dtype=storage_dtype(run.models, opts.storage_dtype))
-        skipped = skipped_elsewhere + data_mod.skipped_images()
+        skipped = skipped_elsewhere + data_mod.skipped_images() - skipped_before
         if run.data.skip_bad_images and skipped:
             (warn or log)(f"skipped {skipped} unreadable image(s) (see the warnings above)")
         student = None

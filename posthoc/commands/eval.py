@@ -110,6 +110,7 @@ def evaluate_spec(
     if tuned:  # the images the artifact was tuned on, known by content wherever they are now
         getattr(dataset, "dataset", dataset).with_digests = True
     real = read_real_labels(opts.real_labels, dataset) if opts.real_labels is not None else None
+    skipped_before = data_mod.skipped_images()  # the count is per process: this run's share is the difference
     module = torch.compile(net) if opts.compile else net
     for attr in ("num_classes", "pretrained_cfg", "posthoc_name", "returns_probabilities", "num_members", "num_parameters"):
         if hasattr(net, attr) and module is not net:
@@ -136,7 +137,7 @@ def evaluate_spec(
     result["model"] = spec
     result["split"] = str(part)
     if run.data.skip_bad_images:
-        result["skipped_images"] = int(distributed.sum_across(data_mod.skipped_images()))
+        result["skipped_images"] = int(distributed.sum_across(data_mod.skipped_images() - skipped_before))
     return result
 
 
