@@ -348,17 +348,24 @@ def tar_source(archive: Path) -> Source:
         ) from e
     if len(reader) == 0:
         raise PosthocError(f"{archive} holds no images; expect <class>/<image> at its top level")
-    classes = [reader.class_idx_to_name[i] for i in range(len(reader.class_idx_to_name))]
+    names = [reader.filename(i) for i in range(len(reader))]
+    keep = [i for i, n in enumerate(names) if not any(is_hidden(part) for part in n.split("/"))]  # as for folders
+    labels = [reader.class_idx_to_name[int(t)] for t in reader.targets]
+    kept = {labels[i] for i in keep}
+    classes = [reader.class_idx_to_name[i] for i in range(len(reader.class_idx_to_name)) if reader.class_idx_to_name[i] in kept]
+    if not keep:
+        raise PosthocError(f"{archive} holds no images outside hidden folders; expect <class>/<image> at its top level")
+    index = {c: k for k, c in enumerate(classes)}
 
-    def read(i: int) -> bytes:
-        return reader[i][0].read()
+    def read(j: int) -> bytes:
+        return reader[keep[j]][0].read()
 
     return Source(
-        keys=[reader.filename(i) for i in range(len(reader))],
-        targets=[int(t) for t in reader.targets],
+        keys=[names[i] for i in keep],
+        targets=[index[labels[i]] for i in keep],
         classes=classes,
-        load=lambda i: decode_image(read(i)),
-        describe=lambda i: f"{archive}:{reader.filename(i)}",
+        load=lambda j: decode_image(read(j)),
+        describe=lambda j: f"{archive}:{names[keep[j]]}",
         root=str(archive),
         read=read,
     )

@@ -883,9 +883,12 @@ def test_hidden_entries_are_neither_classes_nor_images(tmp_path, capsys, resnet_
 
 def test_upper_case_tar_is_a_tar(tmp_path, resnet_dir, image_data):
     archive = tmp_path / "VAL.TAR"
+    (tmp_path / "fork").write_bytes(b"\0\5\26\7 AppleDouble")
     with tarfile.open(archive, "w") as tf:
         for c in CLASSES:
             tf.add(image_data / "val" / c, c)
+        tf.add(tmp_path / "fork", f"{CLASSES[0]}/._0000.png")  # hidden entries, as macOS tars hold them
+        tf.add(image_data / "val" / CLASSES[0] / "0000.png", ".ipynb_checkpoints/0000.png")
     row = _eval_row(["eval", str(resnet_dir), "--data", str(archive)], tmp_path)
     plain = _eval_row(["eval", str(resnet_dir), "--data", str(image_data)], tmp_path, "plain.json")
     assert (row["images"], row["top1"], row["nll"]) == (plain["images"], plain["top1"], plain["nll"])
