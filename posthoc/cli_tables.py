@@ -16,8 +16,8 @@ from rich.table import Table
 
 from .errors import printable
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # ':smile:' in a file name stays as written
+err_console = Console(stderr=True, emoji=False)
 METRICS = (("top-1 (%)", "top1", "{:.2f}"), ("NLL", "nll", "{:.4f}"), ("ECE (%)", "ece", "{:.2f}"), ("Brier", "brier", "{:.4f}"))
 
 

@@ -14,6 +14,7 @@ from typing import ClassVar
 from .errors import PosthocError
 from .options import (
     REQUIRED,
+    SEED,
     CommandOptions,
     DataOptions,
     LoaderOptions,
@@ -31,6 +32,27 @@ STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULES = ("onecycle", "cosine", "constant")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 RESULT_SUFFIXES = (".json", ".csv")
+SORT_FIELDS = (  # the numeric fields of an eval row
+    "top1",
+    "top1_err",
+    "top5",
+    "top5_err",
+    "nll",
+    "ece",
+    "brier",
+    "param_count",
+    "throughput",
+    "images",
+    "img_size",
+    "crop_pct",
+    "members",
+    "member_top1",
+    "disagreement",
+    "top1_original",
+    "real_images",
+    "skipped_images",
+    "tuned_images",
+)
 
 
 # ---------------------------------------------------------------------------------------- boost
@@ -110,7 +132,9 @@ class EvalOptions(Options):
     results_file: Path | None = option(
         None, "Write a row per model to .json or .csv, as each finishes.", metavar="FILE", role="output"
     )
-    sort: str | None = option(None, "Sort the rows by this field, descending (e.g. top1).", metavar="FIELD")
+    sort: str | None = option(
+        None, "Sort the rows by this field, descending (e.g. top1).", choices=SORT_FIELDS, metavar="FIELD"
+    )
     valid_labels: Path | None = option(
         None, "The model's class indices the data's classes are, one per line (ImageNet-A/R).", metavar="FILE", role="input"
     )
@@ -167,7 +191,7 @@ class DistillConfig(Options):
     augment: str = option(
         "light", "Training augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
     )
-    seed: int = option(0, "Random seed; the same seed gives the same student.")
+    seed: int = option(0, "Random seed; the same seed gives the same student.", **SEED)
 
     def __post_init__(self) -> None:
         if self.alpha is None:

@@ -188,8 +188,15 @@ def check_value(name: str, value: Any, kind: type, meta: Any) -> None:
     for key, ok, word in BOUNDS:
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
-            raise PosthocError(f"{flag(name)} must be {word} {bound:g}, got {value}")
+            raise PosthocError(f"{flag(name)} must be {word} {number_text(bound)}, got {value}")
 
+
+def number_text(value: float) -> str:
+    """A bound as people write it: ``4294967295`` for a whole number, ``0.001`` or ``1e-06`` for others."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+SEED = {"ge": 0, "le": 2**32 - 1}  # what every generator takes (numpy's limit); streams derive from it
 
 BOUNDS = (
     ("ge", lambda v, b: v >= b, "at least"),

@@ -519,6 +519,12 @@ CASES = [
         ["boost", "{m}", "--method", "resample", "--data", "{d}", "--out", "{o}", "--batch-size", "1", "--epochs", "0.01"],
         "a batch of one image cannot train a model with BatchNorm; use --batch-size 2 or more",
     ),
+    (
+        ["boost", "{m}", "--method", "noisy", "--data", "{d}", "--out", "{o}", "--seed", "99999999999999999999"],
+        "--seed must be at most 4294967295",
+    ),
+    (["distill", "{w}/art", "--data", "{d}", "--out", "{o}", "--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["eval", "{m}", "{w}/labeled", "--data", "{d}", "--sort", "model"], "--sort must be one of top1, top1_err"),
     # ---- data and label files read as their users mean them
     (["eval", "{m}", "--data", "{d}", "--split", "../data/val"], "split '../data/val' is not a split name"),
     (["eval", "{m}", "--data", "{d}", "--split", "val/../val"], "is not a split name"),

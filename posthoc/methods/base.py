@@ -23,14 +23,14 @@ from .. import distributed
 from ..cost import widest_fit
 from ..ensemble import Ensemble
 from ..errors import PosthocError
-from ..options import Options, make_config, option
+from ..options import SEED, Options, make_config, option
 
 
 @dataclass
 class MethodConfig(Options):
     """Hyper-parameters shared by every method."""
 
-    seed: int = option(0, "Random seed; the same seed gives a bit-identical artifact.")
+    seed: int = option(0, "Random seed; the same seed gives a bit-identical artifact.", **SEED)
 
 
 class Method:
