@@ -7,7 +7,6 @@ accepted value never means minutes of compute)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -41,22 +40,8 @@ METRICS = ("top1", "top5", "nll", "ece", "brier")
 def place(tmp_path_factory, resnet_dir):
     """A scratch directory for the examples and a good artifact to mutate."""
     root = tmp_path_factory.mktemp("props")
-    with _quiet():
-        assert main(["ensemble", str(resnet_dir), str(resnet_dir), "--out", str(root / "art")]) == 0
+    assert main(["ensemble", str(resnet_dir), str(resnet_dir), "--out", str(root / "art")]) == 0
     return root
-
-
-@contextlib.contextmanager
-def _quiet():
-    from posthoc import cli_tables
-
-    with open(os.devnull, "w") as sink:
-        saved = cli_tables.console.file
-        cli_tables.console.file = sink
-        try:
-            yield
-        finally:
-            cli_tables.console.file = saved
 
 
 def _contents(*roots: Path) -> dict[str, str]:
@@ -74,8 +59,7 @@ def _contents(*roots: Path) -> dict[str, str]:
 def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
     """Run the CLI; the exit status and the non-empty stderr lines (no exception may escape)."""
     capsys.readouterr()
-    with _quiet():
-        code = main(argv)
+    code = main(argv)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out, captured.err
     return code, [line for line in captured.err.splitlines() if line.strip()]
