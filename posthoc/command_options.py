@@ -132,9 +132,7 @@ class EvalOptions(Options):
     results_file: Path | None = option(
         None, "Write a row per model to .json or .csv, as each finishes.", metavar="FILE", role="output"
     )
-    sort: str | None = option(
-        None, "Sort the rows by this field, descending (e.g. top1).", choices=SORT_FIELDS, metavar="FIELD"
-    )
+    sort: str | None = option(None, "Sort the rows by this field, descending (e.g. top1).", choices=SORT_FIELDS, metavar="FIELD")
     valid_labels: Path | None = option(
         None, "The model's class indices the data's classes are, one per line (ImageNet-A/R).", metavar="FILE", role="input"
     )
