@@ -9,9 +9,16 @@ Layout of ``model.safetensors`` (one file, no pickles):
 ``config.json`` records the format version, each group's timm config (architecture, ``model_args``,
 ``pretrained_cfg``), the members, the combine rule, the :class:`~posthoc.ensemble.Provenance` (method,
 every hyper-parameter, what it measured, the data it tuned on, build-time metrics, command), the
-versions of posthoc / torch / timm, and the size and SHA-256 of ``model.safetensors`` (checked on load,
-so a modified or truncated artifact fails with one clear line). ``README.md`` is a Hub model card
-rendered from ``model_cards/``.
+versions of posthoc / torch / timm, the size and SHA-256 of ``model.safetensors``, and an ``integrity``
+record: the SHA-256 of ``config.json`` itself (less that record, as canonical JSON: sorted keys, no
+spaces). Both are checked on load, so a modified or truncated artifact fails with one clear line;
+artifacts written before the record existed are still read, their weights checked as before
+(:func:`seal` records it for an artifact whose ``config.json`` was edited on purpose). ``README.md`` is a
+Hub model card rendered from ``model_cards/``.
+
+Reading checks every field ``config.json`` has against :data:`ARTIFACT_CONFIG` (types, ranges, the timm
+configs of the groups, as :func:`posthoc.timm_io.check_timm_config`), refuses ``NaN`` and infinity in
+it and in the weights, and names the first field or tensor that is wrong in one line.
 
 This is the only module that knows the format: "is this an artifact?" (:func:`is_artifact_config`,
 :func:`is_artifact_dir`), reading and writing one. Publishing is :mod:`posthoc.commands.push`; ``posthoc
@@ -35,16 +42,97 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .card import render_card
-from .ensemble import Combine, Ensemble, MemberGroup, Provenance
+from .ensemble import COMBINE_RULES, Combine, Ensemble, MemberGroup, Provenance
 from .errors import PosthocError, first_line
 from .fused import EnsembleModule
-from .paths import ensure_writable, os_errors, public_mode, remove_stale_siblings, temporary_sibling
+from .paths import ensure_writable, os_errors, parse_json, public_mode, read_json_file, remove_stale_siblings, temporary_sibling
+from .schema import Anything, Flag, Integer, ListOf, MapOf, Maybe, Number, OneOf, Record, Text, Where
+from .schema import check as check_fields
+from .timm_io import MAX_CLASSES, PRETRAINED_CFG, TIMM_CONFIG, check_finite
+from .views import VIEWS
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 FILES = (CONFIG, WEIGHTS, CARD)
+INTEGRITY = "integrity"
+DIGEST = r"[0-9a-f]{12}"  # a tuned-on image: the first 12 hex digits of the SHA-256 of its file's bytes
+
+_NAME = Text(max_len=1000)
+_COST = Record(
+    required={"flops_ratio": Number(ge=0)},
+    optional={"time_ratio": Maybe(Number(ge=0)), "budget": Maybe(Number(ge=0)), "members": Integer(ge=1), "views": Integer(ge=1)},
+)
+ARTIFACT_CONFIG = Record(
+    required={
+        "posthoc": Record(
+            required={"format_version": Integer(ge=1)},
+            optional={"posthoc_version": Maybe(_NAME), "torch_version": Maybe(_NAME), "timm_version": Maybe(_NAME)},
+        ),
+        "method": Record(
+            required={"name": Text(max_len=100)},
+            optional={
+                "config": MapOf(Anything()),
+                "measured": Record(
+                    optional={
+                        "inference_cost": Maybe(_COST),
+                        "teacher_flops_ratio": Number(ge=0),
+                        "cost_parent_epochs": Number(ge=0),
+                        "teacher_members": Integer(ge=1),
+                    }
+                ),
+                "include_parent": Flag(),
+            },
+        ),
+        "combine": Record(
+            required={"rule": OneOf(*COMBINE_RULES)},
+            optional={"temperature": Number(ge=1e-6, le=1e6), "views": Maybe(ListOf(OneOf(*VIEWS), min_len=1))},
+        ),
+        "num_classes": Integer(ge=1, le=MAX_CLASSES),
+        "num_members": Integer(ge=1),
+        "members": ListOf(Record(required={"name": _NAME, "group": Integer(ge=0)}), min_len=1),
+        "groups": ListOf(
+            Record(
+                required={
+                    "timm_config": Where(TIMM_CONFIG, lambda c: None if "num_classes" in c else "a timm config with num_classes"),
+                    "members": ListOf(_NAME, min_len=1),
+                    "shared_tensors": ListOf(_NAME),
+                    "member_tensors": ListOf(_NAME),
+                    "shared_numel": Integer(ge=0),
+                    "member_numel": Integer(ge=0),
+                }
+            ),
+            min_len=1,
+        ),
+    },
+    optional={
+        "pretrained_cfg": PRETRAINED_CFG,
+        "sources": Maybe(ListOf(_NAME)),
+        "data": Maybe(
+            Record(
+                optional={
+                    "dataset": Maybe(_NAME),
+                    "train_split": Maybe(_NAME),
+                    "tuned_on": Maybe(_NAME),
+                    "select_size": Maybe(Integer(ge=1)),
+                    "data_config": MapOf(Anything()),
+                    "tuned_images": Record(
+                        required={"count": Integer(ge=0), "digests": Text(f"({DIGEST}( {DIGEST})*)?", "hex digests")},
+                        optional={"hash": Text(max_len=200)},
+                    ),
+                }
+            )
+        ),
+        "metrics": Maybe(MapOf(MapOf(Maybe(Number())))),
+        "command": Maybe(Text()),
+        "files": Record(
+            optional={WEIGHTS: Record(optional={"bytes": Integer(ge=0), "sha256": Text(r"[0-9a-f]{64}", "a SHA-256 in hex")})}
+        ),
+        INTEGRITY: Record(required={"config_sha256": Text(r"[0-9a-f]{64}", "a SHA-256 in hex")}),
+    },
+)
+"""Every field of an artifact's ``config.json`` that posthoc reads, with its type and range."""
 
 
 def save(
@@ -71,8 +159,8 @@ def save(
         with os_errors(f"writing the artifact {out}"):
             tensors = _tensors(ensemble, dtype)
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a deterministic header
-            config = _config(ensemble, provenance or Provenance(), tmp / WEIGHTS)
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            config = seal(_config(ensemble, provenance or Provenance(), tmp / WEIGHTS))
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
             (tmp / CARD).write_text(render_card(config))
             for name in FILES:
                 public_mode(tmp / name)
@@ -131,29 +219,88 @@ def read(path: str | Path) -> tuple[Ensemble, dict[str, Any]]:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise PosthocError(f"cannot read {weights}: {first_line(e)}; the file is corrupt") from e
+    check_finite(tensors, str(weights))
     return _ensemble(config, tensors, path), config
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The artifact's ``config.json``, checked to be a posthoc artifact of a readable format version."""
+    """The artifact's ``config.json``: a posthoc artifact of a format this posthoc reads, matching its
+    integrity record (when it has one), every field checked against :data:`ARTIFACT_CONFIG`."""
     path = Path(path)
     file = path / CONFIG
     if not path.exists():
         raise PosthocError(f"artifact {path} does not exist; check the path")
-    if not file.is_file():
+    if not path.is_dir():
+        raise PosthocError(f"{path} is a file, not an artifact directory (config.json + model.safetensors)")
+    if not file.exists():
         raise PosthocError(f"{path} is not a posthoc artifact (no {CONFIG})")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PosthocError(f"{file} is not valid JSON ({e}); the artifact is damaged, rebuild it") from e
+    config = read_json_file(file, "artifact config", "the artifact is incomplete, rebuild or re-download it")
     if not is_artifact_config(config):
         raise PosthocError(f"{path} is not a posthoc artifact ({CONFIG} has no 'posthoc' section)")
     version = config["posthoc"].get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PosthocError(f"{file}: field posthoc.format_version must be a whole number, got {json.dumps(version)}")
+    if version > FORMAT_VERSION:
         raise PosthocError(
             f"{path} uses artifact format {version}, newer than this posthoc reads ({FORMAT_VERSION}); upgrade posthoc"
         )
+    record = config.get(INTEGRITY)
+    if isinstance(record, dict) and record.get("config_sha256") != config_digest(config):
+        raise PosthocError(
+            f"{file} does not match the SHA-256 of its integrity record: it was edited or damaged; rebuild or "
+            "re-download the artifact (or, for an edit of your own, posthoc.artifact.seal it)"
+        )
+    check_fields(config, ARTIFACT_CONFIG, str(file))
+    _check_consistent(config, file)
     return config
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """The SHA-256 of ``config`` without its integrity record, as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in config.items() if k != INTEGRITY}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN or infinity: never a match
+        return ""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(config: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """``config`` with its integrity record set to what it holds now. Given an artifact directory, rewrites its
+    ``config.json`` that way (after an edit of your own: a moved source, a corrected name) and returns it."""
+    if isinstance(config, dict):
+        return {**{k: v for k, v in config.items() if k != INTEGRITY}, INTEGRITY: {"config_sha256": config_digest(config)}}
+    path = Path(config)
+    text = (path / CONFIG).read_text(encoding="utf-8")
+    sealed = seal(parse_json(text, str(path / CONFIG)))
+    tmp = temporary_sibling(path / CONFIG)
+    try:
+        with os_errors(f"writing {path / CONFIG}"):
+            tmp.write_text(json.dumps(sealed, indent=2, allow_nan=False) + "\n")
+            public_mode(tmp)
+            os.replace(tmp, path / CONFIG)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sealed
+
+
+def _check_consistent(config: dict[str, Any], file: Path) -> None:
+    """Fields that must agree with each other: member counts, group indices, class counts."""
+    groups, members = config["groups"], config["members"]
+    listed = sum(len(g["members"]) for g in groups)
+    if not config["num_members"] == len(members) == listed:
+        raise PosthocError(
+            f"{file}: num_members ({config['num_members']}), members ({len(members)}) and the groups' members ({listed}) "
+            "disagree; fix or regenerate it"
+        )
+    if any(m["group"] >= len(groups) for m in members):
+        raise PosthocError(f"{file}: a member names a group that does not exist; fix or regenerate it")
+    classes = {g["timm_config"]["num_classes"] for g in groups}
+    if classes != {config["num_classes"]}:
+        raise PosthocError(
+            f"{file}: num_classes ({config['num_classes']}) disagrees with its groups' ({', '.join(map(str, sorted(classes)))}); "
+            "fix or regenerate it"
+        )
 
 
 def is_artifact_config(config: Any) -> bool:
@@ -162,13 +309,14 @@ def is_artifact_config(config: Any) -> bool:
 
 
 def is_artifact_dir(path: str | Path) -> bool:
-    """True when the directory ``path`` holds a posthoc artifact's ``config.json``."""
+    """True when the directory ``path`` holds a posthoc artifact's ``config.json`` (one that says so; whether
+    it is readable is :func:`read_config`'s to tell)."""
     file = Path(path) / CONFIG
-    if not file.is_file():
-        return False
     try:
-        return is_artifact_config(json.loads(file.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        if not file.is_file() or file.stat().st_size > 256 << 20:
+            return False
+        return is_artifact_config(json.loads(file.read_text(encoding="utf-8")))
+    except (ValueError, OSError, RecursionError):
         return False
 
 

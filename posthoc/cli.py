@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from . import cli_tables as show
 from . import command_options as declared
@@ -175,7 +174,7 @@ def methods_command(name: Annotated[Optional[str], typer.Argument(help="Show one
 
     for n in [name] if name else list_methods():
         cls = get_method(n)
-        show.console.print(f"[bold]{n}[/]: {escape(cls.summary)}")
+        show.console.print(f"[bold]{n}[/]: {show.safe(cls.summary)}")
         if name:
             show.rows_without_header(
                 [(o["flag"], f"{o['help']} [default: {o['default']}]") for o in describe_options(cls.Config)]
@@ -196,7 +195,7 @@ def ensemble_command(
 
     ens = ensemble_checkpoints(models, out, command=_command_line(), warn=show.warn, **_given(options))
     show.console.print(
-        f"wrote {escape(str(out))} ({ens.num_members} members, {len(ens.groups)} architecture group(s))", highlight=False
+        f"wrote {show.safe(out)} ({ens.num_members} members, {len(ens.groups)} architecture group(s))", highlight=False
     )
 
 

@@ -22,7 +22,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from . import distributed
-from .options import REQUIRED, CommandOptions, Options, describe_options, flag
+from .options import REQUIRED, CommandOptions, Options, describe_options, flag, number_text
 
 METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 
@@ -30,7 +30,9 @@ METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 def option_help(opt: dict[str, Any]) -> str:
     """An option's help text with its default and bounds, as ``--help`` shows it."""
     bounds = [
-        f"{word} {opt[k]:g}" for k, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if opt.get(k) is not None
+        f"{word} {number_text(opt[k])}"
+        for k, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if opt.get(k) is not None
     ]
     default = opt["default"]
     if isinstance(default, bool):

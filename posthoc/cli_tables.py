@@ -1,7 +1,9 @@
 """What the command line prints: the consoles, one-line messages and the tables of each command's results.
 
-Library messages are printed verbatim (paths may contain [brackets]); warnings and errors go to stderr.
-Under torchrun only rank 0 prints (:func:`posthoc.cli.main` quiets the others).
+Library messages are printed verbatim (paths may contain [brackets]) but never raw: every line and table
+cell goes through :func:`safe`, which escapes control characters (:func:`posthoc.errors.printable`: a
+file name with a newline or a terminal escape stays one visible line) and rich markup. Warnings and errors
+go to stderr. Under torchrun only rank 0 prints (:func:`posthoc.cli.main` quiets the others).
 """
 
 from __future__ import annotations
@@ -12,33 +14,45 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+from .errors import printable
+
+console = Console(emoji=False)  # ':smile:' in a file name stays as written
+err_console = Console(stderr=True, emoji=False)
 METRICS = (("top-1 (%)", "top1", "{:.2f}"), ("NLL", "nll", "{:.4f}"), ("ECE (%)", "ece", "{:.2f}"), ("Brier", "brier", "{:.4f}"))
+
+
+def safe(text: Any) -> str:
+    """``text`` ready for a rich console: control characters escaped, then rich markup."""
+    return escape(printable(text))
 
 
 def log(message: str) -> None:
     """A progress message from the library."""
-    console.print(escape(message), highlight=False)
+    console.print(safe(message), highlight=False)
 
 
 def warn(message: str) -> None:
     """A warning, on stderr."""
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {safe(message)}", highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
     """The one line of a user error, on stderr."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {safe(message)}", highlight=False, soft_wrap=True)
+
+
+class Markup(str):
+    """A table cell that is rich markup of posthoc's own (``[red]failed[/]``), printed as markup."""
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    """A table whose first column is left-aligned and the others right-aligned."""
-    out = Table(title=title)
+    """A table whose first column is left-aligned and the others right-aligned; the title and every cell
+    are printed as text (:func:`safe`), except :class:`Markup` cells."""
+    out = Table(title=safe(title))
     for i, column in enumerate(columns):
         out.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*row)
+        out.add_row(*(cell if isinstance(cell, Markup) else safe(cell) for cell in row))
     console.print(out)
 
 
@@ -46,7 +60,7 @@ def wrote(path: str, seconds: float | None = None) -> None:
     """Where an artifact went, and how to report on it."""
     took = f" in {seconds:.0f} s" if seconds is not None else ""
     console.print(
-        f"wrote {escape(path)}{took}; report on held-out data with `posthoc eval {escape(path)} --data DATA --split val:report`",
+        f"wrote {safe(path)}{took}; report on held-out data with `posthoc eval {safe(path)} --data DATA --split val:report`",
         highlight=False,
     )
 
@@ -56,10 +70,10 @@ def eval_row(row: dict[str, Any], single: bool) -> None:
     if single:
         return eval_result(row)
     if "error" in row:
-        err_console.print(f"[red]{escape(row['model'])}: {escape(row['error'])}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]{safe(row['model'])}: {safe(row['error'])}[/]", highlight=False, soft_wrap=True)
     else:
         console.print(
-            f"{escape(row['model'])}: top-1 {row['top1']:.2f}%, NLL {row['nll']:.4f} ({row['images']} images)", highlight=False
+            f"{safe(row['model'])}: top-1 {row['top1']:.2f}%, NLL {row['nll']:.4f} ({row['images']} images)", highlight=False
         )
 
 
@@ -76,7 +90,7 @@ def eval_result(result: dict[str, Any]) -> None:
         ("throughput (img/s)", "throughput", "{:.0f}"),
     ]
     rows = [[label, fmt.format(result[key])] for label, key, fmt in fields if result.get(key) is not None]
-    table(escape(f"{result['model']} on {result.get('split', '')} ({result['images']} images)"), ["metric", "value"], rows)
+    table(f"{result['model']} on {result.get('split', '')} ({result['images']} images)", ["metric", "value"], rows)
     if result.get("skipped_images"):
         warn(f"skipped {result['skipped_images']} unreadable image(s); the metrics cover the other {result['images']}")
 
@@ -92,7 +106,7 @@ def eval_rows(rows: list[dict[str, Any]]) -> None:
         ("throughput", "{:.0f}"),
     )
     cells = [
-        [escape(r["model"]), *(["[red]failed[/]"] + [""] * 5 if "error" in r else [f.format(r[k]) for k, f in columns])]
+        [r["model"], *([Markup("[red]failed[/]")] + [""] * 5 if "error" in r else [f.format(r[k]) for k, f in columns])]
         for r in rows
     ]
     headings = ["model", "top-1 (%)", "top-5 (%)", "NLL", "ECE (%)", "params (M)", "img/s"]
@@ -132,8 +146,8 @@ def demo_summary(r: dict[str, Any], method: str) -> None:
     rows.append(["members", "1", str(r[method].get("members", 1))])
     table(f"held-out digits ({r['images']} images, never used for training or tuning)", ["metric", "parent", method], rows)
     console.print(
-        f"artifact: {escape(r['artifact'])} (built in {r['build_seconds']:.0f} s; whole demo {r['seconds']:.0f} s). "
-        f"Next: posthoc info {escape(r['artifact'])}",
+        f"artifact: {safe(r['artifact'])} (built in {r['build_seconds']:.0f} s; whole demo {r['seconds']:.0f} s). "
+        f"Next: posthoc info {safe(r['artifact'])}",
         highlight=False,
     )
 
@@ -144,7 +158,7 @@ def rows_without_header(rows: list[tuple[str, str]]) -> None:
     out.add_column(style="bold")
     out.add_column()
     for label, text in rows:
-        out.add_row(escape(label), escape(text))
+        out.add_row(safe(label), safe(text))
     console.print(out)
 
 
@@ -153,6 +167,6 @@ def exported(r: dict[str, Any]) -> None:
     diff = r["max_abs_diff"]
     checked = "not validated" if diff is None else f"max abs difference to posthoc.load {diff:.1e} on batches {r['batches']}"
     console.print(
-        f"wrote {escape(r['out'])} ({r['bytes'] / 1e6:.1f} MB; outputs {', '.join(r['outputs'])}; {checked}) and {escape(r['metadata'])}",
+        f"wrote {safe(r['out'])} ({r['bytes'] / 1e6:.1f} MB; outputs {', '.join(r['outputs'])}; {checked}) and {safe(r['metadata'])}",
         highlight=False,
     )

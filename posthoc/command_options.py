@@ -14,6 +14,7 @@ from typing import ClassVar
 from .errors import PosthocError
 from .options import (
     REQUIRED,
+    SEED,
     CommandOptions,
     DataOptions,
     LoaderOptions,
@@ -25,12 +26,34 @@ from .options import (
     ViewOptions,
     option,
 )
+from .paths import check_input_file
 
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULES = ("onecycle", "cosine", "constant")
 OPTIMIZERS = ("auto", "sgd", "adamw")  # auto: posthoc.training.optimizer_family (SGD for BatchNorm networks, else AdamW)
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 RESULT_SUFFIXES = (".json", ".csv")
+SORT_FIELDS = (  # the numeric fields of an eval row
+    "top1",
+    "top1_err",
+    "top5",
+    "top5_err",
+    "nll",
+    "ece",
+    "brier",
+    "param_count",
+    "throughput",
+    "images",
+    "img_size",
+    "crop_pct",
+    "members",
+    "member_top1",
+    "disagreement",
+    "top1_original",
+    "real_images",
+    "skipped_images",
+    "tuned_images",
+)
 
 
 # ---------------------------------------------------------------------------------------- boost
@@ -102,26 +125,28 @@ class EvalOptions(Options):
     renamed: ClassVar[dict[str, Renamed]] = {"dtype": Renamed("model_dtype")}
 
     split: str = option("val", "Split folder, optionally with a part: val, val:select, val:report.", metavar="SPLIT")
-    model_list: Path | None = option(None, "A file of model specs, one per line, # comments.", metavar="FILE")
+    model_list: Path | None = option(None, "A file of model specs, one per line, # comments.", metavar="FILE", role="input")
     model_dtype: str = option("float32", "Inference dtype of the model (timm's --model-dtype).", choices=MODEL_DTYPES)
     amp: bool = option(False, "Mixed precision (float16 on CUDA, bfloat16 on CPU).")
     channels_last: bool | None = option(None, "Channels-last inputs and weights (default: on CUDA).")
     compile: bool = option(False, "torch.compile the model before evaluating.")
-    results_file: Path | None = option(None, "Write a row per model to .json or .csv, as each finishes.", metavar="FILE")
-    sort: str | None = option(None, "Sort the rows by this field, descending (e.g. top1).", metavar="FIELD")
+    results_file: Path | None = option(
+        None, "Write a row per model to .json or .csv, as each finishes.", metavar="FILE", role="output"
+    )
+    sort: str | None = option(None, "Sort the rows by this field, descending (e.g. top1).", choices=SORT_FIELDS, metavar="FIELD")
     valid_labels: Path | None = option(
-        None, "The model's class indices the data's classes are, one per line (ImageNet-A/R).", metavar="FILE"
+        None, "The model's class indices the data's classes are, one per line (ImageNet-A/R).", metavar="FILE", role="input"
     )
     real_labels: Path | None = option(
-        None, "ImageNet-ReaL real.json: top-1/top-5 count any label of an image's set.", metavar="FILE"
+        None, "ImageNet-ReaL real.json: top-1/top-5 count any label of an image's set.", metavar="FILE", role="input"
     )
 
     def validate(self) -> None:
         if self.results_file is not None and Path(self.results_file).suffix.lower() not in RESULT_SUFFIXES:
             raise PosthocError(f"--results-file must end in {' or '.join(RESULT_SUFFIXES)}, got '{Path(self.results_file).name}'")
         for flag, path in (("--valid-labels", self.valid_labels), ("--real-labels", self.real_labels)):
-            if path is not None and not Path(path).is_file():
-                raise PosthocError(f"{flag} file {path} does not exist; check the path")
+            if path is not None:
+                check_input_file(path, f"{flag} file")
         if self.valid_labels is not None and self.real_labels is not None:
             raise PosthocError(
                 "--real-labels index the model's full label space and --valid-labels a subset of it; give one of them"
@@ -184,7 +209,7 @@ class DistillConfig(Options):
     augment: str = option(
         "light", "Training augmentation: light (pad-crop + flip), timm, or none.", choices=("light", "timm", "none")
     )
-    seed: int = option(0, "Random seed; the same seed gives the same student.")
+    seed: int = option(0, "Random seed; the same seed gives the same student.", **SEED)
 
     def __post_init__(self) -> None:
         if self.alpha is None:
@@ -237,7 +262,10 @@ class PushOptions(Options):
     message: str | None = option(None, "Commit message.", metavar="TEXT")
     token: str | None = option(None, "Hub token (default: hf auth login / HF_TOKEN).", metavar="TOKEN")
     with_export: Path | None = option(
-        None, "Also upload this file of posthoc export (with its JSON); the card shows how to run it.", metavar="FILE"
+        None,
+        "Also upload this file of posthoc export (with its JSON); the card shows how to run it.",
+        metavar="FILE",
+        role="input",
     )
 
 

@@ -26,10 +26,13 @@ Preprocessing comes from the model (timm's ``pretrained_cfg``) through ``timm.da
 
 from __future__ import annotations
 
+import hashlib
+import io
 import multiprocessing
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +54,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from . import distributed
-from .errors import PosthocError, first_line
+from .errors import PosthocError, first_line, printable
+from .paths import read_text_file
 from .runtime import seeded_generator
 
 PARTS = ("select", "report")
@@ -68,9 +72,12 @@ class SplitSpec:
 
     @classmethod
     def parse(cls, text: str) -> SplitSpec:
-        split, _, part = text.partition(":")
+        """``SPLIT[:PART]``, the split a name (a folder of the data directory, never a path to elsewhere)."""
+        split, _, part = str(text).partition(":")
         if not split:
             raise PosthocError(f"split '{text}' is empty; write e.g. 'val' or 'val:report'")
+        if any(c in split for c in "/\\") or split in (".", "..") or split.startswith(".") or not split.isprintable():
+            raise PosthocError(f"split '{split}' is not a split name: name a folder of the data directory (e.g. val), not a path")
         if part and part not in PARTS:
             raise PosthocError(f"unknown split part '{part}' in '{text}'; use {' or '.join(PARTS)}")
         return cls(split, part or None)
@@ -127,17 +134,42 @@ def resolve_data_config(model: nn.Module, overrides: dict[str, Any] | None = Non
 
 
 def data_record(
-    data: str | Path, train_split: str, select_spec: Any, select_size: int, data_config: dict[str, Any]
+    data: str | Path,
+    train_split: str | None,
+    select_spec: Any,
+    select_size: int,
+    data_config: dict[str, Any] | None = None,
+    tuned: Sequence[Dataset] = (),
+    earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What an artifact records of the data it was built on: dataset, training split, the select part it was
-    tuned on (with its size, so ``eval`` can warn when report images overlap it) and the preprocessing."""
-    return {
-        "dataset": str(data),
-        "train_split": train_split,
-        "tuned_on": str(select_spec),
-        "select_size": select_size,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-    }
+    tuned on (with its size, so ``eval`` inherits it and ``val:report`` holds none of those images), the
+    preprocessing, and the content digests of every image in ``tuned`` (the select part, and the training
+    set where it is a split ``eval`` may score) with those of an ``earlier`` record (:func:`tuned_record`)."""
+    record: dict[str, Any] = {"dataset": str(data)}
+    if train_split is not None:
+        record["train_split"] = train_split
+    record.update(tuned_on=str(select_spec), select_size=select_size)
+    if data_config is not None:
+        record["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    digests = set(recorded_digests(earlier or {}))
+    for dataset in tuned:
+        digests |= set(content_digests(dataset))
+    if digests:
+        record["tuned_images"] = tuned_record(digests)
+    return record
+
+
+def tuned_record(digests: set[str]) -> dict[str, Any]:
+    """The compact record of tuned-on images: their sorted digests in one string."""
+    return {"hash": DIGEST_TEXT, "count": len(digests), "digests": " ".join(sorted(digests))}
+
+
+def recorded_digests(record: dict[str, Any]) -> frozenset[str]:
+    """The digests of the images an artifact's data ``record`` says it was tuned on (empty for older ones)."""
+    tuned = record.get("tuned_images") or {}
+    text = tuned.get("digests") if isinstance(tuned, dict) else None
+    return frozenset(text.split()) if isinstance(text, str) else frozenset()
 
 
 def eval_transform(data_config: dict[str, Any]):
@@ -183,10 +215,62 @@ def train_transform(data_config: dict[str, Any], augment: str = "light"):
 
 
 # --------------------------------------------------------------------------------------- sources
+DIGEST_CHARS = 12
+DIGEST_TEXT = f"sha256 of the image file's bytes, first {DIGEST_CHARS} hex digits"
+IMAGE_EXTENSIONS = tuple(datasets.folder.IMG_EXTENSIONS)
+
+
+def image_digest(data: bytes) -> str:
+    """An image's content digest: the first 12 hex digits of the SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, macOS ``._x.jpg`` forks) are never classes or images."""
+    return name.startswith(".")
+
+
+def decode_image(data: bytes) -> Any:
+    """The RGB PIL image in ``data``: a declared size beyond PIL's decompression-bomb limit is an unreadable
+    image (``ValueError``), and 16-bit or 32-bit grey images are scaled to 8 bits, not clipped."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{first_line(e).split(',')[0]}: a decompression bomb, not decoded") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Any) -> Any:
+    """``image`` as 8-bit RGB: high-depth grey modes (``I;16``, ``I``, ``F``) scaled from their range to 0-255,
+    everything else converted by PIL."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+        elif image.mode.startswith("I;16") or (values.size and values.max() <= 65535):
+            top = 65535.0
+        else:
+            top = float(2**32 - 1)
+        scaled = np.nan_to_num(values / top * 255.0, nan=0.0).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 @dataclass
 class Source:
     """Where the images of one split come from: sample ``keys`` (sorted for the parts), class ``targets``
-    and ``classes``, and how to ``load`` sample ``i`` (a PIL image) and ``describe`` it in an error."""
+    and ``classes``, how to ``load`` sample ``i`` (a PIL image) and ``describe`` it in an error, and (where
+    images are files) how to ``read`` its bytes, which ``load`` decodes and :func:`image_digest` hashes."""
 
     keys: list[str]
     targets: list[int]
@@ -194,29 +278,75 @@ class Source:
     load: Callable[[int], Any]
     describe: Callable[[int], str]
     root: str
+    read: Callable[[int], bytes] | None = None
+
+    def digest(self, i: int) -> str:
+        """The content digest of sample ``i`` (of its file's bytes; of its pixels where there is no file)."""
+        if self.read is not None:
+            return image_digest(self.read(i))
+        image = self.load(i)
+        return image_digest(f"{image.mode} {image.size}".encode() + image.tobytes())
+
+
+def scan_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes (sorted non-hidden subfolders) and ``(path, class index)`` samples of a split folder, in
+    torchvision ``ImageFolder``'s order: image files by extension, hidden entries skipped, a linked
+    directory followed once (never into a loop)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise PosthocError(f"cannot list {folder} ({e.strerror or first_line(e)})") from None
+    classes = [e.name for e in entries if not is_hidden(e.name) and e.is_dir()]
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for index, name in enumerate(classes):
+        seen: set[str] = set()
+        walked = []
+        for root, dirs, files in os.walk(folder / name, followlinks=True):
+            seen.add(os.path.realpath(root))
+            dirs[:] = [d for d in dirs if not is_hidden(d) and os.path.realpath(os.path.join(root, d)) not in seen]
+            seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # each reached once, by one path
+            walked.append((root, files))
+        found = 0
+        for root, files in sorted(walked):  # torchvision's order
+            for file in sorted(files):
+                if not is_hidden(file) and file.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(root, file), index))
+                    found += 1
+        if not found:
+            empty.append(name)
+    if not classes:
+        raise PosthocError(f"no images in {folder}: expected {folder}/<class>/<image> (jpg, png, ...), found no class folders")
+    if empty:
+        raise PosthocError(
+            f"no images in class folder(s) {', '.join(printable(n) for n in empty[:3])} of {folder} (jpg, png, ...); "
+            "add images or remove the folder"
+        )
+    return classes, samples
 
 
 def folder_source(folder: Path) -> Source:
-    """A class-folder split, scanned as torchvision's ``ImageFolder`` does (classes sorted by name)."""
-    try:
-        classes, class_to_idx = datasets.folder.find_classes(str(folder))
-        samples = datasets.folder.make_dataset(str(folder), class_to_idx, extensions=datasets.folder.IMG_EXTENSIONS)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise PosthocError(f"no images in {folder}: expected {folder}/<class>/<image> (jpg, png, ...)") from e
+    """A class-folder split, scanned by :func:`scan_folder` (classes sorted by name, as ``ImageFolder``)."""
+    classes, samples = scan_folder(folder)
     paths = [p for p, _ in samples]
+
+    def read(i: int) -> bytes:
+        with open(paths[i], "rb") as f:
+            return f.read()
+
     return Source(
         keys=[Path(p).relative_to(folder).as_posix() for p in paths],
         targets=[t for _, t in samples],
         classes=classes,
-        load=lambda i: datasets.folder.pil_loader(paths[i]),
+        load=lambda i: decode_image(read(i)),
         describe=lambda i: paths[i],
         root=str(folder),
+        read=read,
     )
 
 
 def tar_source(archive: Path) -> Source:
     """A ``.tar`` of one split, class folders at its top level (timm's ``ReaderImageInTar``)."""
-    from PIL import Image
     from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
     try:
@@ -227,14 +357,26 @@ def tar_source(archive: Path) -> Source:
         ) from e
     if len(reader) == 0:
         raise PosthocError(f"{archive} holds no images; expect <class>/<image> at its top level")
-    classes = [reader.class_idx_to_name[i] for i in range(len(reader.class_idx_to_name))]
+    names = [reader.filename(i) for i in range(len(reader))]
+    keep = [i for i, n in enumerate(names) if not any(is_hidden(part) for part in n.split("/"))]  # as for folders
+    labels = [reader.class_idx_to_name[int(t)] for t in reader.targets]
+    kept = {labels[i] for i in keep}
+    classes = [reader.class_idx_to_name[i] for i in range(len(reader.class_idx_to_name)) if reader.class_idx_to_name[i] in kept]
+    if not keep:
+        raise PosthocError(f"{archive} holds no images outside hidden folders; expect <class>/<image> at its top level")
+    index = {c: k for k, c in enumerate(classes)}
+
+    def read(j: int) -> bytes:
+        return reader[keep[j]][0].read()
+
     return Source(
-        keys=[reader.filename(i) for i in range(len(reader))],
-        targets=[int(t) for t in reader.targets],
+        keys=[names[i] for i in keep],
+        targets=[index[labels[i]] for i in keep],
         classes=classes,
-        load=lambda i: Image.open(reader[i][0]).convert("RGB"),
-        describe=lambda i: f"{archive}:{reader.filename(i)}",
+        load=lambda j: decode_image(read(j)),
+        describe=lambda j: f"{archive}:{names[keep[j]]}",
         root=str(archive),
+        read=read,
     )
 
 
@@ -243,17 +385,14 @@ def records_source(
 ) -> Source:
     """A sequence of ``{image_key: PIL image or bytes, label_key: int}`` records (a Hugging Face dataset, or a
     list); keys are the zero-padded indices, so the parts follow index order."""
-    import io
-
-    from PIL import Image
 
     def load(i: int):
         image = records[i][image_key]
         if isinstance(image, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(image))
-        elif isinstance(image, dict) and "bytes" in image:
-            image = Image.open(io.BytesIO(image["bytes"]))
-        return image.convert("RGB")
+            return decode_image(bytes(image))
+        if isinstance(image, dict) and "bytes" in image:
+            return decode_image(image["bytes"])
+        return to_rgb(image)
 
     n = len(records)
     return Source(
@@ -291,15 +430,27 @@ def open_source(data: str | Path, split: str) -> Source:
     if text.startswith("hfds/"):
         return hfds_source(text[len("hfds/") :], split)
     root = Path(text)
-    if root.is_file() and root.suffix == ".tar":
+    SplitSpec.parse(split)  # a name, never a path
+    if root.is_file() and root.suffix.lower() == ".tar":
         return tar_source(root)
+    if root.exists() and not root.is_dir():
+        name = root.name.lower()
+        if name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".zip")):
+            raise PosthocError(
+                f"--data {root} is a compressed archive, which posthoc does not read; extract it (or make a plain .tar "
+                "of one split's class folders) and pass that"
+            )
+        kind = "file" if root.is_file() else "FIFO, socket or device"
+        raise PosthocError(
+            f"--data {root} is a {kind}, not a data directory or a .tar; pass DIR with DIR/<split>/<class>/*, a .tar, or hfds/NAME"
+        )
     if not root.is_dir():
         raise PosthocError(
             f"data directory {root} does not exist; pass --data DIR with DIR/<split>/<class>/*, a .tar, or hfds/NAME"
         )
     folder = root / split
     if not folder.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
         raise PosthocError(
             f"split '{split}' not found in {root} (it has: {', '.join(found) or 'no folders'}); expected DIR/<split>/<class>/<image>"
         )
@@ -319,6 +470,8 @@ class ImageSet(Dataset):
     """The images of one split with targets in the model's class order; unreadable images are named, or
     skipped (``None``, dropped by the loader) when ``skip_bad``."""
 
+    with_digests = False  # also return each image's digest as an int64 (eval sets it to recognise tuned images)
+
     def __init__(self, source: Source, transform=None, skip_bad: bool = False):
         global _SKIPPED
         self.source, self.transform, self.skip_bad = source, transform, skip_bad
@@ -336,9 +489,16 @@ class ImageSet(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int):
+        digest = None
         try:
-            image = self.source.load(i)
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, corrupt, not an image, too large
+            if self.with_digests and self.source.read is not None:
+                data = self.source.read(i)
+                digest, image = image_digest(data), decode_image(data)
+            else:
+                image = self.source.load(i)
+                if self.with_digests:
+                    digest = self.source.digest(i)
+        except (OSError, SyntaxError, ValueError, MemoryError) as e:  # PIL: truncated, corrupt, not an image, too large
             where = self.source.describe(i)
             if not self.skip_bad:
                 raise PosthocError(
@@ -347,9 +507,16 @@ class ImageSet(Dataset):
                 ) from None
             with _SKIPPED.get_lock():
                 _SKIPPED.value += 1
-            print(f"warning: skipped unreadable image {where} ({first_line(e)})", file=sys.stderr)
+            print(printable(f"warning: skipped unreadable image {where} ({first_line(e)})"), file=sys.stderr)
             return None
-        return (self.transform(image) if self.transform is not None else image), self.targets[i]
+        try:
+            item = (self.transform(image) if self.transform is not None else image), self.targets[i]
+        except (RuntimeError, ValueError, TypeError, ZeroDivisionError, OverflowError, MemoryError) as e:
+            raise PosthocError(
+                f"cannot preprocess image {self.source.describe(i)} ({first_line(e)[:160]}); check --img-size, --crop-pct, "
+                "--mean and --std, and the model's own preprocessing (pretrained_cfg)"
+            ) from None
+        return item if digest is None else (*item, int.from_bytes(bytes.fromhex(digest), "big"))
 
     def relabel(self, classes: Sequence[str]) -> None:
         """Make targets index ``classes`` (the model's order); every class of the data must be among them."""
@@ -360,6 +527,19 @@ class ImageSet(Dataset):
         remap = [position[c] for c in self.classes]
         self.targets = [remap[t] for t in self.targets]
         self.classes = list(classes)
+
+
+def content_digests(dataset: Dataset) -> list[str]:
+    """The content digests (:func:`image_digest`) of every image of ``dataset`` (an :class:`ImageSet` or a
+    subset of one), read from its source; a file that cannot be read has none."""
+    base, indices = (dataset.dataset, list(dataset.indices)) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))
+    out = []
+    for i in indices:
+        try:
+            out.append(base.source.digest(i))
+        except (OSError, SyntaxError, ValueError):
+            continue
+    return out
 
 
 def open_split(
@@ -430,10 +610,8 @@ def default_select_size(n: int) -> int:
 
 def read_class_map(path: str | Path) -> list[str]:
     """Class names in the model's class order, one per line (timm's ``--class-map`` format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PosthocError(f"class map {path} does not exist; give a text file with one class name per line")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_text_file(path, "class map", "give a text file with one class name per line")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(set(names)) != len(names) or not names:
         raise PosthocError(f"class map {path} must list each class name once, one per line")
     return names

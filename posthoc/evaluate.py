@@ -21,7 +21,7 @@ from . import distributed
 from .errors import PosthocError
 from .labels import check_data_classes
 from .metrics import ClassificationMetrics, EnsembleMetrics
-from .runtime import autocast, progress, synchronize
+from .runtime import autocast, model_errors, progress, synchronize
 
 
 def is_ensemble(model: nn.Module) -> bool:
@@ -55,6 +55,7 @@ def evaluate(
     real_labels: Sequence[Sequence[int]] | None = None,
     show_progress: bool = True,
     description: str = "eval",
+    tuned: frozenset[int] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return timm-style results plus calibration metrics.
 
@@ -74,6 +75,11 @@ def evaluate(
     :func:`posthoc.commands.eval.evaluate_spec` makes under torchrun) is evaluated in parallel: the per-batch sums of every
     process are added in batch order, so every metric equals the single-process one exactly;
     ``throughput`` is the sum of the processes' and an error on one process is raised on all.
+
+    ``tuned``: the digests (as integers) of the images an artifact was tuned on, for a loader whose
+    dataset yields each image's digest (``ImageSet.with_digests``); ``tuned_images`` then counts the
+    evaluated images among them. A model whose outputs are not finite for any image gets no metrics but
+    one line (:func:`posthoc.metrics.check_finite_outputs`); one that cannot run on the inputs too.
     """
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     model = model.to(device=device, dtype=dtype).eval()
@@ -90,15 +96,19 @@ def evaluate(
     sharded = isinstance(getattr(loader, "batch_sampler", None), distributed.ShardedBatches)
     order = [i for batch in loader.batch_sampler for i in batch] if sharded and real_labels is not None else None
     metrics, ens_metrics, real = ClassificationMetrics(), EnsembleMetrics(), _RealAccuracy(real_labels, order)
-    seconds, images, error = 0.0, 0, None
+    seconds, images, overlap, error = 0.0, 0, 0, None
+    name = getattr(model, "posthoc_name", None) or cfg_name(model)
     try:
-        for x, y in progress(loader, description=description, enabled=show_progress):
+        for batch in progress(loader, description=description, enabled=show_progress):
+            x, y = batch[0], batch[1]
+            if tuned is not None and len(batch) > 2:
+                overlap += sum(int(d) in tuned for d in batch[2].tolist())
             x = x.to(device, dtype=dtype, non_blocking=True)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             synchronize(device)
             start = time.perf_counter()
-            with autocast(device, amp):
+            with autocast(device, amp), model_errors(name, x):
                 probs, member_probs = predict(model, x, members=True)
             synchronize(device)
             seconds += time.perf_counter() - start
@@ -119,6 +129,7 @@ def evaluate(
         ens_metrics.reduce()
         real.reduce()
         images, throughput = int(distributed.sum_across(images)), distributed.sum_across(throughput)
+        overlap = int(distributed.sum_across(overlap))
     elif error is not None:
         raise error
     if images == 0:
@@ -141,6 +152,8 @@ def evaluate(
         "throughput": round(throughput, 2),
         "images": images,
     }
+    if tuned is not None:
+        result["tuned_images"] = overlap
     if real_labels is not None:
         top1, top5, counted = real.compute()
         result.update(
@@ -156,6 +169,12 @@ def evaluate(
         result.update({k: round(v, 4) for k, v in ens_metrics.compute().items()})
     result["reliability"] = metrics.reliability()
     return result
+
+
+def cfg_name(model: nn.Module) -> str:
+    """What a model is called in results: its timm architecture, or its class."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return cfg.get("architecture") or type(model).__name__
 
 
 def _restrict(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

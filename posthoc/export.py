@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import PosthocError, first_line
 from .fused import EnsembleModule
+from .paths import check_input_file, read_json_file
 
 FORMATS = ("onnx", "pt2", "aoti")
 TOLERANCE = 1e-4
@@ -93,12 +94,7 @@ class ExportableEnsemble(nn.Module):
 def readmetadata(path: str | Path) -> dict[str, Any]:
     """The JSON beside an exported file (``model.onnx`` -> ``model.json``), checked to be posthoc's."""
     file = Path(path).with_suffix(".json")
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise PosthocError(f"{path} has no {file.name} beside it; export it again with posthoc export") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PosthocError(f"cannot read {file}: {first_line(e)}") from None
+    data = read_json_file(file, "export metadata", "export it again with posthoc export")
     if not isinstance(data, dict) or data.get("exported_by") != "posthoc":
         raise PosthocError(f"{file} is not the metadata of a posthoc export")
     return data
@@ -113,9 +109,7 @@ def export_files(path: str | Path, artifact_path: str | Path | None = None) -> d
     """
     from .artifact import WEIGHTS, read_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise PosthocError(f"export {path} does not exist; write it with posthoc export ARTIFACT --out {path}")
+    path = check_input_file(path, "export", f"write it with posthoc export ARTIFACT --out {path}")
     metadata = readmetadata(path)
     if artifact_path is not None:
         expected = read_config(artifact_path).get("files", {}).get(WEIGHTS, {}).get("sha256")

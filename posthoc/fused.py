@@ -43,7 +43,7 @@ from torch.func import functional_call, vmap
 from .ensemble import Ensemble, MemberGroup, combine_probabilities
 from .errors import PosthocError
 from .graph import FeaturesAndLogits, split_shared_prefix, tracer
-from .timm_io import build_from_timm_config
+from .timm_io import build_from_timm_config, load_weights
 from .views import stack_views
 
 STRATEGIES = ("auto", "vmap", "loop", "threads")
@@ -144,8 +144,10 @@ class GroupExecutor(nn.Module):
 
     def __init__(self, group: MemberGroup, fold_bn: bool = True):
         super().__init__()
-        model = build_from_timm_config(group.timm_config)
-        model.load_state_dict(group.member_state_dict(0))
+        first = group.member_state_dict(0)
+        source = f"the {group.architecture} group's weights"
+        model = build_from_timm_config(group.timm_config, source, elements=sum(t.numel() for t in first.values()))
+        load_weights(model, first, source)
         self.parameter_count = sum(
             group.member_tensors[n].numel() if n in group.member_tensors else p.numel() for n, p in model.named_parameters()
         )

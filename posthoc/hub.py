@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,12 +46,19 @@ def prepare() -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?")
+
+
 def split_repo(spec: str) -> tuple[str, str | None]:
-    """``hf-hub:org/name@rev`` (or ``org/name``) -> (``org/name``, ``rev`` or None), as timm's ``hf_split``."""
+    """``hf-hub:org/name@rev`` (or ``org/name``) -> (``org/name``, ``rev`` or None), as timm's ``hf_split``;
+    an id the Hub would not accept (``..``, other separators, odd characters) is one line, never a path."""
     repo = spec.split(":", 1)[1] if is_hub_spec(spec) else spec
     repo, _, revision = repo.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) and ".." not in p and "--" not in p for p in parts):
         raise PosthocError(f"'{spec}' is not a Hub repository id; write it as org/name (hf-hub:org/name to load)")
+    if revision and (".." in revision or not revision.isprintable() or revision.startswith("/")):
+        raise PosthocError(f"'{revision}' in '{spec}' is not a Hub revision; give a branch, tag or commit")
     return repo, revision or None
 
 

@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import PosthocError
+from .paths import read_json_file, read_text_file
 
 
 def check_label_space(specs: Sequence[str], models: Sequence[Any], data_classes: int | None = None) -> None:
@@ -32,19 +32,29 @@ def check_label_space(specs: Sequence[str], models: Sequence[Any], data_classes:
         check_data_classes(first.num_classes, data_classes)
 
 
-def check_data_classes(expected: int, data_classes: int, what: str = "the model predicts") -> None:
-    """The data has as many classes as the model predicts (or ``--valid-labels`` lists): the one wording."""
-    if expected != data_classes:
+def check_data_classes(
+    expected: int, data_classes: int, what: str = "the model predicts", class_map: str | Path | None = None
+) -> None:
+    """The data has as many classes as the model predicts (or ``--valid-labels`` lists): the one wording; with
+    ``class_map``, the classes counted are the ones the class map lists, and the line says so."""
+    if expected == data_classes:
+        return
+    if class_map is not None:
         raise PosthocError(
-            f"{what} {expected} classes but the data has {data_classes} classes; point --data at data of that label "
-            "space, or map the data's classes onto the model's with --class-map FILE (or --valid-labels FILE for a subset)"
+            f"{what} {expected} classes but the class map {class_map} lists {data_classes}; list the model's classes, "
+            "one name per line in its class order, each the name of a class folder of the data"
         )
+    raise PosthocError(
+        f"{what} {expected} classes but the data has {data_classes} classes; point --data at data of that label "
+        "space, or map the data's classes onto the model's with --class-map FILE (or --valid-labels FILE for a subset)"
+    )
 
 
 def read_valid_labels(path: str | Path) -> list[int]:
     """Class indices, one per line (timm's ``--valid-labels`` format, e.g. ImageNet-A's 200 of 1000)."""
     try:
-        labels = [int(line.split()[0]) for line in Path(path).read_text().splitlines() if line.strip()]
+        text = read_text_file(path, "--valid-labels file")
+        labels = [int(line.split()[0]) for line in text.splitlines() if line.strip()]
     except ValueError:
         raise PosthocError(f"--valid-labels {path} must hold one class index per line") from None
     if not labels or len(set(labels)) != len(labels):
@@ -55,11 +65,10 @@ def read_valid_labels(path: str | Path) -> list[int]:
 def read_real_labels(path: str | Path, dataset) -> list[list[int]]:
     """The ImageNet-ReaL label sets (``real.json``: a list, entry ``i`` for ``ILSVRC2012_val_{i+1:08d}.JPEG``)
     of the images of ``dataset`` in its order."""
-    try:
-        table = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PosthocError(f"--real-labels {path} is not valid JSON ({e})") from None
-    if not isinstance(table, list):
+    table = read_json_file(path, "--real-labels file")
+    if not isinstance(table, list) or not all(
+        isinstance(entry, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in entry) for entry in table
+    ):
         raise PosthocError(f"--real-labels {path} must be a JSON list of label lists (ImageNet-ReaL's real.json)")
     samples = dataset.dataset.samples if hasattr(dataset, "indices") else dataset.samples
     order = dataset.indices if hasattr(dataset, "indices") else range(len(samples))

@@ -13,6 +13,11 @@ member top-1 and the mean pairwise disagreement (fraction of images on which two
 predictions differ, averaged over all member pairs).
 
 :func:`fit_temperature` is the one temperature fit every method and ``posthoc calibrate`` use.
+
+No non-finite number is a metric: both accumulators count the images whose probabilities hold NaN or
+infinity (a model with damaged weights, an input it cannot handle), and :meth:`ClassificationMetrics.compute`
+and :meth:`EnsembleMetrics.compute` refuse to report figures when there are any, with one line saying how
+many images of how many (:func:`check_finite_outputs`).
 """
 
 from __future__ import annotations
@@ -24,16 +29,32 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .errors import PosthocError
 
 ECE_BINS = 15
 PROB_FLOOR = 1e-12
+HEAD = ("count", "correct1", "correct5", "nll_sum", "brier_sum", "nonfinite")
+
+
+def nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
+    """A mask over the last-but-one dimension of ``values`` (..., B, C): the images whose row holds NaN or inf."""
+    return ~torch.isfinite(values).all(dim=-1)
+
+
+def check_finite_outputs(bad: int, total: int, what: str = "the model") -> None:
+    """One line when ``bad`` of ``total`` images got non-finite outputs: never a metric computed from them."""
+    if bad:
+        raise PosthocError(
+            f"{what} gave non-finite outputs (NaN or infinity) for {bad} of {total} images, so no metric is reported; "
+            "its weights or the preprocessing (--mean, --std, --img-size) are broken"
+        )
 
 
 class ClassificationMetrics:
     """Accumulates top-1, top-5, NLL, ECE and Brier over batches of probabilities.
 
-    Each batch adds one row of float64 sums (count, hits, NLL, Brier, and count / confidence / hits per
-    ECE bin: ``5 + 3 * num_bins`` numbers), folded in batch order. When a loader's batches were split
+    Each batch adds one row of float64 sums (count, hits, NLL, Brier, non-finite rows, and count / confidence / hits per
+    ECE bin: ``6 + 3 * num_bins`` numbers), folded in batch order. When a loader's batches were split
     across processes (:class:`posthoc.distributed.ShardedBatches`), :meth:`reduce` gathers every process's
     rows, so the result is bit-identical to one process's.
     """
@@ -50,6 +71,9 @@ class ClassificationMetrics:
         """Add a batch: ``probs`` (B, C) rows summing to 1, ``target`` (B,) class indices."""
         probs = probs.detach().double().cpu()
         target = target.detach().long().cpu()
+        nonfinite = int(nonfinite_rows(probs).sum())
+        if nonfinite:  # counted and refused in compute(); the sums below stay finite
+            probs = torch.nan_to_num(probs, nan=0.0, posinf=1.0, neginf=0.0)
         n, c = probs.shape
         conf, pred = probs.max(dim=1)
         hit = pred.eq(target)
@@ -65,6 +89,7 @@ class ClassificationMetrics:
                 int(topk.eq(target[:, None]).any(dim=1).sum()),
                 float(-p_true.clamp_min(PROB_FLOOR).log().sum()),
                 float(((probs - onehot) ** 2).sum()),
+                nonfinite,
             ],
             dtype=torch.float64,
         )
@@ -80,18 +105,18 @@ class ClassificationMetrics:
         self.rows = [row for part in distributed.all_gather(self.rows) for row in part]
 
     def totals(self) -> dict[str, torch.Tensor]:
-        """The sums over every batch: ``count``, ``correct1``, ``correct5``, ``nll_sum``, ``brier_sum`` and
-        the per-bin ``bin_count``, ``bin_conf``, ``bin_correct``."""
-        total = torch.zeros(5 + 3 * self.num_bins, dtype=torch.float64)
+        """The sums over every batch: ``count``, ``correct1``, ``correct5``, ``nll_sum``, ``brier_sum``,
+        ``nonfinite`` (images whose probabilities were not finite) and the per-bin ``bin_count``, ``bin_conf``,
+        ``bin_correct``."""
+        h, b = len(HEAD), self.num_bins
+        total = torch.zeros(h + 3 * b, dtype=torch.float64)
         for row in self.rows:
             total += row
-        b = self.num_bins
-        names = ("count", "correct1", "correct5", "nll_sum", "brier_sum")
         return {
-            **dict(zip(names, total[:5])),
-            "bin_count": total[5 : 5 + b],
-            "bin_conf": total[5 + b : 5 + 2 * b],
-            "bin_correct": total[5 + 2 * b :],
+            **dict(zip(HEAD, total[:h])),
+            "bin_count": total[h : h + b],
+            "bin_conf": total[h + b : h + 2 * b],
+            "bin_correct": total[h + 2 * b :],
         }
 
     @property
@@ -100,8 +125,10 @@ class ClassificationMetrics:
         return int(sum(int(row[0]) for row in self.rows))
 
     def compute(self) -> dict[str, float]:
-        """``top1``, ``top5``, ``ece`` in percent; ``nll`` and ``brier`` as means per image."""
+        """``top1``, ``top5``, ``ece`` in percent; ``nll`` and ``brier`` as means per image (one line instead
+        when any image's probabilities were not finite)."""
         t = self.totals()
+        check_finite_outputs(int(t["nonfinite"]), int(t["count"]))
         n = max(int(t["count"]), 1)
         gap = (t["bin_correct"] - t["bin_conf"]).abs().sum()
         return {
@@ -141,6 +168,7 @@ class EnsembleMetrics:
     @torch.no_grad()
     def update(self, member_probs: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``member_probs`` (K, B, C), ``target`` (B,)."""
+        nonfinite = int(nonfinite_rows(member_probs.detach()).any(dim=0).sum())
         preds = member_probs.detach().argmax(dim=-1).cpu()  # (K, B)
         target = target.detach().long().cpu()
         k = preds.shape[0]
@@ -149,7 +177,7 @@ class EnsembleMetrics:
         if k > 1:
             differ = preds[:, None, :].ne(preds[None, :, :]).double().sum(dim=-1)  # (K, K)
             disagree = float(differ.triu(diagonal=1).sum()) / (k * (k - 1) / 2)
-        self.rows.append(torch.cat([torch.tensor([preds.shape[1], disagree], dtype=torch.float64), correct]))
+        self.rows.append(torch.cat([torch.tensor([preds.shape[1], disagree, nonfinite], dtype=torch.float64), correct]))
 
     def reduce(self) -> None:
         """Every process's batches, in batch order, on every process (a no-op with one process)."""
@@ -162,8 +190,9 @@ class EnsembleMetrics:
         total = torch.zeros_like(self.rows[0])
         for row in self.rows:
             total += row
+        check_finite_outputs(int(total[2]), int(total[0]), "a member of the ensemble")
         n = max(int(total[0]), 1)
-        member_top1 = 100.0 * total[2:] / n
+        member_top1 = 100.0 * total[3:] / n
         return {
             "member_top1": float(member_top1.mean()),
             "member_top1_min": float(member_top1.min()),

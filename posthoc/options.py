@@ -39,11 +39,20 @@ def option(
     metavar: str | None = None,
     check_type: bool = True,
     off_flag: str | None = None,
+    role: str | None = None,
 ) -> Any:
     """A config field: its default (:data:`REQUIRED` for none), help text (shown by ``--help`` and ``posthoc
     methods``), the values it accepts (``choices``, bounds), and optionally a short flag (``-j``) and, for a
-    switch, the flag that turns it off (default ``--no-NAME``)."""
+    switch, the flag that turns it off (default ``--no-NAME``).
+
+    ``role`` marks a path option as an ``"input"`` (a file the command reads) or an ``"output"`` (one it
+    writes): :func:`declared_paths` collects them, so the pipeline's rule that no output is, holds or lies
+    in an input covers every path option without a list kept by hand.
+    """
+    if role not in (None, "input", "output"):
+        raise ValueError(f"role must be 'input' or 'output', got {role!r}")
     meta = {
+        "role": role,
         "help": help,
         "choices": choices,
         "ge": ge,
@@ -100,6 +109,16 @@ class Options:
         """Defaults that follow from the options given (e.g. a pruning option implies pruning); options
         given explicitly are never changed."""
         return values
+
+
+def declared_paths(config: Any, role: str) -> list[tuple[str, Path]]:
+    """``(flag, path)`` of every option of ``config`` (an :class:`Options` instance) declared with ``role``
+    (``"input"`` or ``"output"``) and given a value."""
+    return [
+        (flag(f.name), Path(getattr(config, f.name)))
+        for f in dataclasses.fields(config)
+        if f.metadata.get("role") == role and getattr(config, f.name) is not None
+    ]
 
 
 def flag(name: str) -> str:
@@ -169,8 +188,15 @@ def check_value(name: str, value: Any, kind: type, meta: Any) -> None:
     for key, ok, word in BOUNDS:
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
-            raise PosthocError(f"{flag(name)} must be {word} {bound:g}, got {value}")
+            raise PosthocError(f"{flag(name)} must be {word} {number_text(bound)}, got {value}")
 
+
+def number_text(value: float) -> str:
+    """A bound as people write it: ``4294967295`` for a whole number, ``0.001`` or ``1e-06`` for others."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+SEED = {"ge": 0, "le": 2**32 - 1}  # what every generator takes (numpy's limit); streams derive from it
 
 BOUNDS = (
     ("ge", lambda v, b: v >= b, "at least"),
@@ -207,6 +233,11 @@ def describe_options(cls: type[Options]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- shared option groups
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 TTA_CHOICES = ("auto", "none", "flip")
+# preprocessing values an option or a model's config may give (timm's configs stay well inside them)
+PIXELS = {"ge": 1, "le": 4096}  # an input side
+CROP_PCT = {"ge": 0.1, "le": 2.0}  # timm's configs use 0.875 to 1.15
+MEAN_RANGE = (-10.0, 10.0)  # for images scaled to [0, 1]: 0.485, not 123.7
+STD_RANGE = (1e-3, 10.0)
 
 
 @dataclass
@@ -226,7 +257,7 @@ class DataOptions(Options):
         None, "Images in a split's select part (default: 40% of the split's images).", ge=1, metavar="N"
     )
     class_map: Path | None = option(
-        None, "The data's class names in the model's class order, one per line (timm's format).", metavar="FILE"
+        None, "The data's class names in the model's class order, one per line (timm's format).", metavar="FILE", role="input"
     )
     skip_bad_images: bool = option(False, "Skip unreadable images (each named, counted at the end) instead of stopping.")
     subset: int | None = option(
@@ -252,20 +283,28 @@ class PreprocessingOptions(Options):
 
     panel: ClassVar[str] = "Preprocessing (default: the model's own)"
 
-    img_size: int | None = option(None, "Override the input size (pixels).", ge=1, metavar="N")
-    crop_pct: float | None = option(None, "Override the center-crop fraction of the resized image.", gt=0, le=1, metavar="F")
+    img_size: int | None = option(None, "Override the input size (pixels).", **PIXELS, metavar="N")
+    crop_pct: float | None = option(
+        None, "Override the center-crop fraction of the resized image (above 1 pads, as timm does).", **CROP_PCT, metavar="F"
+    )
     interpolation: str | None = option(None, "Override the resize interpolation.", choices=INTERPOLATIONS)
     mean: str | None = option(None, "Override the normalization mean, e.g. 0.5,0.5,0.5.", metavar="R,G,B")
     std: str | None = option(None, "Override the normalization std, e.g. 0.5,0.5,0.5.", metavar="R,G,B")
 
     def validate(self) -> None:
-        for name in ("mean", "std"):
+        for name, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
             values = self.channels(name)
-            if values is not None and len(values) not in (1, 3):
+            if values is None:
+                continue
+            if len(values) not in (1, 3):
                 raise PosthocError(f"--{name} needs one value per color channel (3, e.g. 0.5,0.5,0.5), got {len(values)}")
-        std = self.channels("std")
-        if std is not None and any(v <= 0 for v in std):
-            raise PosthocError(f"--std values must be positive, got {self.std}")
+            if name == "std" and any(v <= 0 for v in values):
+                raise PosthocError(f"--std values must be positive, got {self.std}")
+            if any(not low <= v <= high for v in values):
+                raise PosthocError(
+                    f"--{name} values must be between {low:g} and {high:g} (for images scaled to [0, 1], e.g. "
+                    f"{'0.485,0.456,0.406' if name == 'mean' else '0.229,0.224,0.225'}), got {getattr(self, name)}"
+                )
 
     def channels(self, name: str) -> tuple[float, ...] | None:
         """``--mean`` / ``--std`` as numbers (finite ones only)."""

@@ -1,7 +1,7 @@
 """The one preparation every command makes before its own work.
 
-:func:`prepare` does, in this order: check the outputs (before any compute, so an hour of work is never
-lost to a bad ``--out``), pick the device, load the models, resolve the preprocessing (the model's own,
+:func:`prepare` does, in this order: check the outputs (:func:`check_outputs`, before any compute, so an
+hour of work is never lost to a bad ``--out``, and never one input lost to an output), pick the device, load the models, resolve the preprocessing (the model's own,
 timm's ``resolve_data_config``, with overrides), cut the select part (inheriting the select size an
 artifact recorded, :func:`inherited_select_size`), open the splits and check the label space
 (:func:`posthoc.labels.check_label_space`: models against each other and against the data). It returns a
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from . import data as data_mod
 from .artifact import check_output
-from .errors import PosthocError
+from .errors import PosthocError, first_line
 from .labels import check_data_classes, check_label_space
 from .options import DataOptions, LoaderOptions, PreprocessingOptions
 from .paths import ensure_writable
@@ -33,25 +33,31 @@ SELECT, TRAIN = "select", "train"  # the parts a training command opens; any oth
 @dataclass(frozen=True)
 class Output:
     """A place a command writes: an artifact directory (replaced whole, only with ``--overwrite``) or a file
-    (``replace``: an existing one is rewritten without ``--overwrite``, as results files are)."""
+    (``replace``: an existing one is rewritten without ``--overwrite``, as results files are, when ``ours``
+    says posthoc wrote it; a file posthoc did not write is never replaced without ``--overwrite``)."""
 
     path: Path
     what: str = "artifact directory"
     replace: bool = False
+    ours: Callable[[Path], bool] | None = None
 
     @property
     def is_artifact(self) -> bool:
         return self.what == "artifact directory"
 
 
-def check_outputs(outputs: Sequence[Output], overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> None:
-    """Before any work: every output writable, never an input or another output (nor inside or around one),
-    an existing artifact directory replaced only with ``overwrite`` and only when it holds nothing else, an
-    existing file only with ``overwrite`` (or ``replace``)."""
+def check_outputs(outputs: Sequence[Output], overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> None:
+    """Before any work, the one rule of every place a command writes: it is writable; it never is, holds or
+    lies in an input (the models, the data, label and statistics files: ``inputs``) or another output,
+    compared after resolving links; an existing artifact directory is replaced only with ``overwrite`` and
+    only when it holds nothing else; an existing file only with ``overwrite`` (or ``replace``, when posthoc
+    wrote it). Nothing is created here: an output's directory is made by its final atomic write."""
     named = [
-        Path(str(p).removeprefix("local-dir:")) for p in inputs if p is not None and not str(p).startswith(("hf-hub:", "hfds/"))
+        Path(str(p).removeprefix("local-dir:")).expanduser()
+        for p in inputs
+        if isinstance(p, (str, Path)) and not str(p).startswith(("hf-hub:", "hf_hub:", "hfds/"))
     ]
-    taken = [(p, "input") for p in named if p.exists()]
+    taken = [(p, "input") for p in named if _exists(p)]
     for out in outputs:
         for other, role in taken:
             relation = _relation(out.path, other)
@@ -64,13 +70,32 @@ def check_outputs(outputs: Sequence[Output], overwrite: bool = False, inputs: Se
         ensure_writable(out.path, out.what)
         if out.path.is_dir():
             raise PosthocError(f"the {out.what} {out.path} is a directory; name the file to write")
-        if out.path.exists() and not (overwrite or out.replace):
-            raise PosthocError(f"output {out.path} already exists; pass --overwrite or choose another place")
+        if _exists(out.path) and not out.path.is_file():
+            raise PosthocError(f"the {out.what} {out.path} exists and is not a regular file; name a file to write")
+        if out.path.exists() and not overwrite:
+            if not out.replace:
+                raise PosthocError(f"output {out.path} already exists; pass --overwrite or choose another place")
+            if out.ours is not None and not out.ours(out.path):
+                raise PosthocError(
+                    f"the {out.what} {out.path} already exists and is not one posthoc wrote; choose another name "
+                    "(or remove the file)"
+                )
+
+
+def _exists(path: Path) -> bool:
+    """True for anything at ``path``, a dangling link included (a name the system cannot look up: nothing)."""
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:
+        return False
 
 
 def _relation(a: Path, b: Path) -> str | None:
     """How the place ``a`` overlaps ``b`` (after resolving links): ``is``, ``lies inside``, ``contains``, or None."""
-    a, b = a.expanduser().resolve(), b.expanduser().resolve()
+    try:
+        a, b = a.expanduser().resolve(), b.expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise PosthocError(f"cannot resolve {a} or {b} ({first_line(e)}); check the links on the path") from None
     if a == b:
         return "is"
     return "lies inside" if a.is_relative_to(b) else ("contains" if b.is_relative_to(a) else None)
@@ -182,6 +207,27 @@ class Run:
         )
         return data_mod.make_loader(dataset, batch_size, workers=self.workers, shard=shard)
 
+    def tuned_sets(self) -> list[Dataset]:
+        """The images an artifact built from this run was tuned on: the select part, and the training split
+        too where it is the split the select part comes from (``--train-split val``)."""
+        sets = [self.sets[SELECT]] if SELECT in self.sets else []
+        if TRAIN in self.sets and data_mod.SplitSpec.parse(self.data.train_split).split == self.select.split:
+            sets.append(self.sets[TRAIN])
+        return sets
+
+    def data_record(self, earlier: dict[str, Any] | None = None, *, preprocessing: bool = True) -> dict[str, Any]:
+        """What the artifact records of its data (:func:`posthoc.data.data_record`): the select part with its
+        size, the preprocessing, and the content digests of :meth:`tuned_sets` (with ``earlier``'s)."""
+        return data_mod.data_record(
+            self.data.data if not isinstance(self.data.data, data_mod.Source) else self.data.data.root,
+            self.data.train_split if TRAIN in self.sets else None,
+            self.select,
+            len(self.sets[SELECT]),
+            self.data_config if preprocessing else None,
+            tuned=self.tuned_sets(),
+            earlier=earlier,
+        )
+
     def loader(self, name: str, batch_size: int = 256, *, shard: str | None = None):
         """A loader over the opened set ``name`` (a part given to :func:`prepare`), in a fixed order."""
         return data_mod.make_loader(self.sets[name], batch_size, workers=self.workers, shard=shard)
@@ -255,14 +301,14 @@ def prepare(
         else:
             spec = data_mod.SplitSpec.parse(part)
             run.select_size, warning = inherited_select_size(record, spec, data.select_size)
-            if warning:
+            if warning and not data_mod.recorded_digests(record):  # digests tell by content, after the run
                 warn(warning)
             run.sets[part] = run._open(spec, eval_tf)
     expected = data_classes(base.num_classes) if data_classes else None
     for dataset in run.sets.values():
         classes = len(dataset.classes)
         if expected is None:
-            check_data_classes(base.num_classes, classes)
+            check_data_classes(base.num_classes, classes, class_map=data.class_map)
         else:
             check_data_classes(expected, classes, "--valid-labels lists")
     if TRAIN in run.sets:

@@ -39,6 +39,28 @@ def write_results(results: dict[str, Any] | list[dict[str, Any]], path: str | Pa
     write_text_atomically(path, text, "results file")
 
 
+def is_results_file(path: str | Path) -> bool:
+    """True when ``path`` holds what :func:`write_results` writes (rows naming their ``model``), so that a run
+    rewrites its own results file but never a user's file of the same name."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > 256 << 20:
+            return False
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not text.strip():
+        return True  # an empty file holds nothing to lose
+    if path.suffix.lower() == ".csv":
+        return text.split("\n", 1)[0].split(",", 1)[0].strip() == "model"
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        return False
+    rows = rows if isinstance(rows, list) else [rows]
+    return bool(rows) and all(isinstance(r, dict) and "model" in r for r in rows)
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 
 from . import distributed
-from .errors import PosthocError
+from .errors import PosthocError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 T = TypeVar("T")
@@ -105,3 +105,22 @@ def progress(iterable: Iterable[T], total: int | None = None, description: str =
         for item in iterable:
             yield item
             bar.advance(task)
+
+
+@contextlib.contextmanager
+def model_errors(what: str, inputs: torch.Tensor | None = None) -> Iterator[None]:
+    """A forward pass that cannot run on these inputs (too small for the architecture, a fixed input size,
+    channels it does not take, memory it cannot get) becomes one line naming ``what`` and the input shape."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise PosthocError(f"{what} ran out of memory on a batch; lower --batch-size or --img-size") from None
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:
+        if "more than 1 value per channel" in str(e):
+            raise PosthocError(
+                f"{what}: a batch of one image cannot train a model with BatchNorm; use --batch-size 2 or more"
+            ) from None
+        shape = "x".join(map(str, inputs.shape[1:])) if inputs is not None and inputs.dim() > 1 else "these inputs"
+        raise PosthocError(
+            f"{what} cannot run on inputs of {shape} ({first_line(e)[:200]}); check --img-size and the model's preprocessing"
+        ) from None

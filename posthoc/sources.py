@@ -28,8 +28,11 @@ from torch import nn
 from . import artifact, hub
 from .errors import PosthocError, first_line
 from .fused import EnsembleModule
+from .paths import read_json_file, read_text_file
 from .timm_io import (
+    PRETRAINED_FIELDS,
     build_from_timm_config,
+    check_timm_config,
     checkpoint_num_classes,
     load_weights,
     read_state_dict,
@@ -79,9 +82,9 @@ def load_model(
         repo, revision = hub.split_repo(spec)
         if artifact.is_artifact_config(hub.hub_config(repo, revision)):
             return _not_reheaded(load_artifact(spec), spec, num_classes)
-        with hub.hub_errors(repo):
-            hub.prepare()
-            model = timm.create_model(f"hf-hub:{spec.split(':', 1)[1]}", pretrained=True)
+        # a timm model on the Hub: its files through the cache, read as a local directory in timm's Hub
+        # layout, so its config.json gets the checks every config gets
+        model = _load_hub_layout_dir(hub.download(repo, revision, ["config.json", *HUB_WEIGHT_FILES]), name=spec)
     else:
         model = _load_timm_name(spec, pretrained)
     if num_classes is not None and num_classes != model.num_classes:
@@ -94,10 +97,8 @@ def expand_specs(specs: list[str], model_list: str | Path | None = None) -> list
     wildcards (``resnet5*.a1_in1k``) expanded over timm's pretrained names, as timm's ``validate.py``."""
     out = list(specs)
     if model_list is not None:
-        path = Path(model_list)
-        if not path.is_file():
-            raise PosthocError(f"model list {path} does not exist; give a text file with one model spec per line")
-        out += [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        text = read_text_file(model_list, "model list", "give a text file with one model spec per line")
+        out += [line.split("#", 1)[0].strip() for line in text.splitlines()]
     expanded: list[str] = []
     for spec in filter(None, out):
         if any(c in spec for c in "*?[") and not Path(spec).exists():
@@ -208,26 +209,26 @@ def _load_timm_name(name: str, pretrained: bool) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------ directories
-def _load_hub_layout_dir(path: Path) -> nn.Module:
-    """A directory with ``config.json`` + weights, as ``timm.models.push_to_hf_hub`` writes it."""
+def _load_hub_layout_dir(path: Path, name: str | None = None) -> nn.Module:
+    """A directory with ``config.json`` + weights, as ``timm.models.push_to_hf_hub`` writes it (``name``: the
+    spec it came from, for a Hub snapshot)."""
+    where = name or path
     if not path.is_dir():
         raise PosthocError(f"model directory {path} does not exist; check the path")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():
         raise PosthocError(
-            f"{path} has no config.json; a model directory needs timm's Hub layout "
+            f"{where} has no config.json; a model directory needs timm's Hub layout "
             "(config.json + model.safetensors), or pass a weights file with --arch"
         )
     weights = next((path / f for f in HUB_WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
         raise PosthocError(
-            f"{path} has no weights file ({' or '.join(HUB_WEIGHT_FILES[:2])}); copy the weights next to config.json"
+            f"{where} has no weights file ({' or '.join(HUB_WEIGHT_FILES[:2])}); copy the weights next to config.json"
         )
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PosthocError(f"{path / 'config.json'} is not valid JSON ({first_line(e)}); fix or regenerate it") from e
-    model = build_from_timm_config(config, source=str(path / "config.json"))
+    source = str(path / "config.json") if name is None else f"{name}'s config.json"
+    config = check_timm_config(read_json_file(path / "config.json", "model config"), source)
     state_dict = read_state_dict(weights)
+    model = build_from_timm_config(config, source=source, elements=sum(t.numel() for t in state_dict.values()))
     load_weights(model, state_dict, source=str(weights))
     model.checkpoint_dtype = floating_dtype(state_dict)
     return model
@@ -264,12 +265,14 @@ def _load_weights_file(path: Path, arch: str | None, warn: Callable[[str], None]
 
 
 def _timm_config_beside(path: Path, arch: str) -> dict | None:
-    """The ``pretrained_cfg`` of a timm ``config.json`` next to a weights file, when it is for ``arch``."""
+    """The preprocessing fields of the ``pretrained_cfg`` of a timm ``config.json`` next to a weights file,
+    when it is for ``arch`` (checked as any config; only fields :data:`PRETRAINED_CFG` knows are used)."""
     file = path.parent / "config.json"
     try:
-        config = json.loads(file.read_text()) if file.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() and file.stat().st_size < 1 << 24 else None
+    except (ValueError, OSError):
         return None
     if isinstance(config, dict) and config.get("architecture") == arch and isinstance(config.get("pretrained_cfg"), dict):
-        return config["pretrained_cfg"]
+        config = check_timm_config(config, str(file))
+        return {k: v for k, v in config["pretrained_cfg"].items() if k in PRETRAINED_FIELDS.optional}
     return None

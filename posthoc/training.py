@@ -34,7 +34,7 @@ from . import distributed
 from .command_options import OPTIMIZERS, SCHEDULES
 from .errors import PosthocError
 from .metrics import fit_temperature, scores
-from .runtime import autocast, progress, seeded_generator
+from .runtime import autocast, model_errors, progress, seeded_generator
 
 BN_CACHE_BYTES = 1 << 30  # keep BatchNorm batches in memory when they fit in 1 GiB
 
@@ -85,7 +85,7 @@ def train_steps(
     for step, (inputs, y) in enumerate(progress(batches, total=steps, description=description, enabled=show_progress), 1):
         if device is not None:
             inputs, y = to_device(inputs, device), y.to(device, non_blocking=True)
-        with autocast(device or torch.device("cpu"), amp):
+        with autocast(device or torch.device("cpu"), amp), model_errors(description, inputs if torch.is_tensor(inputs) else None):
             loss = loss_fn(forward(inputs), y, inputs)
         if regularizer is not None:
             loss = loss + regularizer()
@@ -508,7 +508,8 @@ def cache_outputs(
     for x, y in progress(loader, description=description, enabled=show_progress):
         x = _cpu_channels_last(x.to(device))
         for store, fn in zip(per_fn, fns):
-            out = fn(x)
+            with model_errors(description, x):
+                out = fn(x)
             if not store:
                 store.extend([] for _ in out)
             for lst, t in zip(store, out):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import posthoc
+from posthoc.artifact import seal
 from posthoc.cli import main
 from posthoc.command_options import DistillConfig
 from posthoc.commands.distill import distill
@@ -201,7 +202,7 @@ def test_a_recorded_parent_that_is_not_found_from_here_asks_for_student(tmp_path
     shutil.copytree(teacher, moved)
     config = json.loads((moved / "config.json").read_text())
     config["sources"] = ["../elsewhere/p1", *config["sources"][1:]]
-    (moved / "config.json").write_text(json.dumps(config))
+    (moved / "config.json").write_text(json.dumps(seal(config)))  # an edit of one's own, sealed
     monkeypatch.chdir(tmp_path)
     assert main(["distill", str(moved), "--data", str(image_data), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err

@@ -144,7 +144,10 @@ def test_preprocessing_travels_in_the_metadata(exported):
         k: v for k, v in sidecar.items() if k != "validation"
     }
     assert sidecar["outputs"] == {"probs": ["batch", 3], "member_probs": [1, "batch", 3]}
-    assert sidecar["combine"] == {"rule": "prob_mean", "temperature": 1.0} and sidecar["validation"]["max_abs_diff"] <= 1e-5
+    assert (
+        sidecar["combine"] == {"rule": "prob_mean", "temperature": 1.0, "views": ["identity"]}
+        and sidecar["validation"]["max_abs_diff"] <= 1e-5
+    )
     pt2, _ = exported("coupling", "pt2")
     extra = {"posthoc.json": ""}
     torch.export.load(str(pt2), extra_files=extra)

@@ -34,8 +34,8 @@ def test_option_groups_have_one_help_panel_each(capsys):
 def test_values_are_checked_once_with_the_flag_named():
     with pytest.raises(PosthocError, match="--select-size must be at least 1, got 0"):
         make_config(DataOptions, {"data": "d", "select_size": 0})
-    with pytest.raises(PosthocError, match="--crop-pct must be at most 1"):
-        make_config(PreprocessingOptions, {"crop_pct": 1.5})
+    with pytest.raises(PosthocError, match="--crop-pct must be at most 2"):
+        make_config(PreprocessingOptions, {"crop_pct": 2.5})
     with pytest.raises(PosthocError, match="--mean must be finite numbers"):
         make_config(PreprocessingOptions, {"mean": "nan,0.5,0.5"})
     with pytest.raises(PosthocError, match="--interpolation must be one of bilinear"):

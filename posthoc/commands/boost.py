@@ -38,6 +38,7 @@ from ..options import (
     OutputOptions,
     PreprocessingOptions,
     ViewOptions,
+    declared_paths,
     make_config,
 )
 from ..pipeline import SELECT, TRAIN, Output, Run, check_outputs, prepare
@@ -55,9 +56,18 @@ def default_out(specs: list[str], method: str) -> Path:
     return Path("runs") / f"{name}-{method}"
 
 
-def runner_outputs(cfg: Any) -> list[Output]:
-    """Files a method's options ask it to write besides the artifact (checked writable before any work)."""
-    return [Output(Path(v), "output file", replace=True) for k, v in vars(cfg).items() if k.startswith("save_") and v]
+def runner_outputs(runner: Method) -> list[Output]:
+    """Files a method's options ask it to write besides the artifact (options declared ``role="output"``),
+    checked before any work; a rerun replaces one only where the method wrote it (:meth:`Method.wrote`)."""
+    return [
+        Output(path, f"{name} file", replace=True, ours=type(runner).wrote)
+        for name, path in declared_paths(runner.config, "output")
+    ]
+
+
+def runner_inputs(runner: Method) -> list[Path]:
+    """Files a method's options ask it to read (options declared ``role="input"``)."""
+    return [path for _, path in declared_paths(runner.config, "input")]
 
 
 def load_checkpoint(spec: str, arch: str | None = None, num_classes: int | None = None, warn=None) -> nn.Module:
@@ -118,7 +128,7 @@ def boost(
     data_opts, model_opts, output, opts = groups[DataOptions], groups[ModelOptions], groups[OutputOptions], groups[BoostOptions]
     runner = _method(method, models, method_values, warn)
     out = Path(output.out) if output.out is not None else default_out(models, method)
-    outputs = [Output(out), *runner_outputs(runner.config)]
+    outputs = [Output(out), *runner_outputs(runner)]
     if opts.distill:
         outputs.insert(0, Output(out.with_name(f"{out.name}-teacher")))
     log(f"loading {', '.join(models)} ...")
@@ -129,6 +139,7 @@ def boost(
         parts=(TRAIN, SELECT),
         outputs=outputs,
         overwrite=output.overwrite,
+        inputs=runner_inputs(runner),
         loader=groups[LoaderOptions],
         preprocessing=groups[PreprocessingOptions],
         log=log,
@@ -151,10 +162,12 @@ def boost(
         for line in runner.fit_budget(run.models, opts.inference_budget, set(method_values)):
             log(line)
     seed_everything(runner.config.seed)
+    skipped_before = data_mod.skipped_images()  # counted per process since it started: this run's is the difference
     clock = Stopwatch()
     ensemble = runner.build(ctx)  # every process does its share; the ensemble is complete on rank 0
     distributed.barrier()  # rank 0 may have trained alone for a while: wait without a time limit
-    skipped_elsewhere = int(distributed.sum_across(data_mod.skipped_images())) - data_mod.skipped_images()
+    skipped_here = data_mod.skipped_images() - skipped_before
+    skipped_elsewhere = int(distributed.sum_across(skipped_here)) - skipped_here
 
     def on_rank_zero() -> dict[str, Any]:
         final, teacher = (out, outputs[0].path) if opts.distill else (out, out)
@@ -171,13 +184,13 @@ def boost(
             measured=ctx.notes,
             include_parent=runner.includes_parent(),
             sources=list(models),
-            data=data_mod.data_record(run.data.data, run.data.train_split, run.select, len(run.sets[SELECT]), run.data_config),
+            data=run.data_record(),
             metrics=metrics,  # wall time is reported, not stored: the same seed must give a bit-identical artifact
             command=command,
         )
         log(f"writing {teacher} ...")
         save(ensemble_, teacher, provenance, overwrite=output.overwrite, dtype=storage_dtype(run.models, opts.storage_dtype))
-        skipped = skipped_elsewhere + data_mod.skipped_images()
+        skipped = skipped_elsewhere + data_mod.skipped_images() - skipped_before
         if run.data.skip_bad_images and skipped:
             (warn or log)(f"skipped {skipped} unreadable image(s) (see the warnings above)")
         student = None

@@ -94,7 +94,9 @@ def calibrate(
         **({"command": command} if command else {}),
     }
     measured["views"] = record["views"]
-    data_record = provenance.data or {"dataset": str(run.data.data), "tuned_on": str(run.select), "select_size": len(dataset)}
+    fresh = run.data_record(earlier=provenance.data, preprocessing=False)  # the digests of every image tuned on
+    digests = {"tuned_images": fresh["tuned_images"]} if "tuned_images" in fresh else {}
+    data_record = {**provenance.data, **digests} if provenance.data else fresh
     metrics = dict(provenance.metrics)
     if fit is not None:
         metrics[str(MetricKey(str(run.select), "calibrated"))] = fit["select_after"]

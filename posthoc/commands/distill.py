@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from .. import data as data_mod
 from ..artifact import read_config, save
 from ..calibration import candidates_for, choose
 from ..command_options import DISTILL, DistillConfig, StudentOptions
@@ -129,7 +128,7 @@ def distill(
         config={"teacher": str(teacher), "student": student_spec, **dataclasses.asdict(cfg)},
         measured=measured,
         sources=[student_spec],
-        data=data_mod.data_record(run.data.data, run.data.train_split, run.select, len(run.sets[SELECT]), run.data_config),
+        data=run.data_record(earlier=getattr(ensemble_module, "posthoc_config", {}).get("data") or {}),
         metrics={
             str(MetricKey(part)): student_after,
             str(MetricKey(part, "teacher")): teacher_metrics,

@@ -19,7 +19,7 @@ from .. import data as data_mod
 from .. import distributed
 from ..calibration import with_views
 from ..command_options import EVAL, EvalOptions
-from ..errors import PosthocError
+from ..errors import PosthocError, first_line, printable
 from ..evaluate import evaluate
 from ..labels import read_real_labels, read_valid_labels
 from ..options import (
@@ -29,9 +29,10 @@ from ..options import (
     OutputOptions,
     PreprocessingOptions,
     ViewOptions,
+    declared_paths,
 )
-from ..pipeline import Output, check_outputs, prepare
-from ..results import write_results
+from ..pipeline import Output, check_outputs, prepare, recorded_data
+from ..results import is_results_file, write_results
 from ..runtime import resolve_device, resolve_dtype
 from ..sources import expand_specs, load_model
 from ..views import describe, views_of
@@ -94,8 +95,8 @@ def evaluate_spec(
         groups[DataOptions],
         load=load,
         parts=(str(part),),
-        outputs=[Output(Path(opts.results_file), "results file", replace=True)] if opts.results_file is not None else [],
-        inputs=[opts.valid_labels, opts.real_labels, opts.model_list],
+        outputs=_results_output(opts),
+        inputs=[path for _, path in declared_paths(opts, "input")],
         loader=loader,
         preprocessing=groups[PreprocessingOptions],
         label_names=valid is None,
@@ -104,7 +105,12 @@ def evaluate_spec(
         warn=warn,
     )
     net, dataset = run.model, run.sets[str(part)]
+    record = recorded_data(net)
+    tuned = data_mod.recorded_digests(record)
+    if tuned:  # the images the artifact was tuned on, known by content wherever they are now
+        getattr(dataset, "dataset", dataset).with_digests = True
     real = read_real_labels(opts.real_labels, dataset) if opts.real_labels is not None else None
+    skipped_before = data_mod.skipped_images()  # the count is per process: this run's share is the difference
     module = torch.compile(net) if opts.compile else net
     for attr in ("num_classes", "pretrained_cfg", "posthoc_name", "returns_probabilities", "num_members", "num_parameters"):
         if hasattr(net, attr) and module is not net:
@@ -120,12 +126,26 @@ def evaluate_spec(
         valid_labels=valid,
         real_labels=real,
         show_progress=groups[OutputOptions].progress,
+        tuned=frozenset(int(d, 16) for d in tuned) if tuned else None,
     )
+    if result.get("tuned_images"):
+        warn(
+            f"{result['tuned_images']} of the {result['images']} images evaluated are among the {len(tuned)} this artifact "
+            f"was tuned on ('{record.get('tuned_on')}' of {record.get('dataset')}, recognised by content), so its figures are "
+            "optimistic; report on images it never saw (the report part of the split it was tuned with)"
+        )
     result["model"] = spec
     result["split"] = str(part)
     if run.data.skip_bad_images:
-        result["skipped_images"] = int(distributed.sum_across(data_mod.skipped_images()))
+        result["skipped_images"] = int(distributed.sum_across(data_mod.skipped_images() - skipped_before))
     return result
+
+
+def _results_output(opts: EvalOptions) -> list[Output]:
+    """The results file as an output: rewritten by each run, but never a file posthoc did not write."""
+    if opts.results_file is None:
+        return []
+    return [Output(Path(opts.results_file), "results file", replace=True, ours=is_results_file)]
 
 
 def evaluate_specs(
@@ -142,8 +162,10 @@ def evaluate_specs(
     and, at the end, sorted by ``sort`` (a result field, descending; e.g. ``top1``)."""
     groups = _checked({**options, "data": data, "split": split})
     opts = groups[EvalOptions]
-    if opts.results_file is not None:
-        check_outputs([Output(Path(opts.results_file), "results file", replace=True)], inputs=[*specs, data, opts.model_list])
+    check_outputs(
+        _results_output(opts),
+        inputs=[*specs, data, groups[DataOptions].class_map, *(path for _, path in declared_paths(opts, "input"))],
+    )
     part = data_mod.SplitSpec.parse(split)
     sources = {part.split: data_mod.open_source(data, part.split)}  # one scan of the split for every model
     rows: list[dict[str, Any]] = []
@@ -152,6 +174,9 @@ def evaluate_specs(
             row = evaluate_spec(spec, data, split, sources=sources, warn=warn, **options)
         except PosthocError as e:
             row = {"model": spec, "split": str(part), "error": str(e)}
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, OSError) as e:
+            # a model posthoc could not foresee failing: its row says how, and the others still run
+            row = {"model": spec, "split": str(part), "error": printable(f"{type(e).__name__}: {first_line(e)}")}
         rows.append(row)
         on_result(row)
         if opts.results_file is not None:

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -22,14 +23,14 @@ from .. import distributed
 from ..cost import widest_fit
 from ..ensemble import Ensemble
 from ..errors import PosthocError
-from ..options import Options, make_config, option
+from ..options import SEED, Options, make_config, option
 
 
 @dataclass
 class MethodConfig(Options):
     """Hyper-parameters shared by every method."""
 
-    seed: int = option(0, "Random seed; the same seed gives a bit-identical artifact.")
+    seed: int = option(0, "Random seed; the same seed gives a bit-identical artifact.", **SEED)
 
 
 class Method:
@@ -48,6 +49,12 @@ class Method:
         """The ensemble. Under torchrun every process calls it and does its share of the work; only rank 0's
         result is used (the others may return ``None``)."""
         raise NotImplementedError
+
+    @classmethod
+    def wrote(cls, path: Path) -> bool:
+        """True when the existing file ``path`` is one this method writes through an option declared
+        ``role="output"`` (a rerun may then replace it without ``--overwrite``); default: never."""
+        return False
 
     def includes_parent(self) -> bool:
         """Whether one member of what :meth:`build` returns is the unchanged parent (recorded in the artifact)."""

@@ -33,10 +33,11 @@ from torch import nn
 
 from .. import distributed
 from ..ensemble import Combine, Ensemble, MemberGroup
-from ..errors import PosthocError
+from ..errors import PosthocError, first_line
 from ..options import Renamed, option
+from ..paths import check_input_file, os_errors, public_mode, remove_stale_siblings, temporary_sibling
 from ..runtime import progress, seeded_generator
-from ..timm_io import timm_config
+from ..timm_io import check_finite, timm_config
 from ..training import (
     FINE_TUNE_RATES,
     ImageBatches,
@@ -94,8 +95,12 @@ class ResampleConfig(MethodConfig):
         "Training batches (of 128, eval transform) re-estimating each network's BatchNorm; 0 keeps the fine-tuned statistics.",
         ge=0,
     )
-    save_stats: str | None = option(None, "Write the Welford statistics (mean, M2, count) to this .safetensors file.")
-    stats: str | None = option(None, "Draw from statistics saved with --save-stats instead of fine-tuning (a .safetensors file).")
+    save_stats: str | None = option(
+        None, "Write the Welford statistics (mean, M2, count) to this .safetensors file.", role="output"
+    )
+    stats: str | None = option(
+        None, "Draw from statistics saved with --save-stats instead of fine-tuning (a .safetensors file).", role="input"
+    )
 
     @property
     def draws(self) -> int:
@@ -118,8 +123,8 @@ class ResampleConfig(MethodConfig):
                 raise PosthocError(f"{flag_name} must name a .safetensors file, got '{value}'")
         if self.stats is not None and self.save_stats is not None:
             raise PosthocError("--stats re-uses saved statistics and --save-stats writes new ones; give one of them")
-        if self.stats is not None and not Path(self.stats).is_file():
-            raise PosthocError(f"statistics file {self.stats} does not exist; write one with --save-stats first")
+        if self.stats is not None:
+            check_input_file(self.stats, "statistics file", "write one with --save-stats first")
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -187,14 +192,16 @@ class WelfordStats:
                         f"saved {kind} of '{n}' has shape {tuple(t.shape)}, the model's is {tuple(store[n].shape)}"
                     )
                 store[n].copy_(t)
-        self.count = int(state["count"])
+        count = state["count"]
+        if count.numel() != 1 or count.is_floating_point() or int(count) < 0:
+            raise PosthocError("the statistics' snapshot count is not a non-negative whole number; the file is damaged")
+        self.count = int(count)
 
     def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
         """Write the statistics as one .safetensors file (no pickles); ``metadata`` is stored alongside."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": STATS_FORMAT,
             "version": "1",
@@ -203,9 +210,16 @@ class WelfordStats:
             "names": json.dumps(self.names),
         }  # safetensors sorts its keys; this keeps the model's order
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.state_dict(), str(tmp), metadata=dict(sorted(meta.items())))
-        os.replace(tmp, path)  # an interrupted run never leaves a truncated statistics file
+        remove_stale_siblings(path)
+        tmp = temporary_sibling(path)
+        try:  # the parent is made only now, at the write itself; an interrupted run leaves no truncated file
+            with os_errors(f"writing the statistics file {path}"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(self.state_dict(), str(tmp), metadata=dict(sorted(meta.items())))
+                public_mode(tmp)
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -213,25 +227,33 @@ class WelfordStats:
         """Read a file written by :meth:`save`; returns the statistics and the stored metadata."""
         from safetensors import SafetensorError, safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise PosthocError(f"statistics file {path} does not exist; write one with --save-stats first")
+        path = check_input_file(path, "statistics file", "write one with --save-stats first")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         except (SafetensorError, OSError) as e:
-            raise PosthocError(f"{path} is not a readable safetensors file ({e})") from None
+            raise PosthocError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
         if meta.get("format") != STATS_FORMAT:
             raise PosthocError(f"{path} does not hold resample statistics; write them with --save-stats")
+        check_finite(state, f"statistics file {path}")
         dtype = STATS_DTYPES.get(meta.get("dtype", ""), torch.float32)
         shapes = {k[5:]: t for k, t in state.items() if k.startswith("mean.")}
-        order = json.loads(meta.get("names", "[]"))
+        order = _json_field(meta, "names", [])
         if sorted(order) == sorted(shapes):
             shapes = {n: shapes[n] for n in order}
         stats = cls({n: torch.empty(t.shape, device=device) for n, t in shapes.items()}, dtype=dtype)
         stats.load_state_dict(state)
         return stats, meta
+
+
+def _json_field(meta: Mapping[str, str], key: str, default):
+    """A JSON field of a statistics file's metadata (``default`` when absent or not JSON)."""
+    try:
+        value = json.loads(meta.get(key, "null"))
+    except ValueError:
+        return default
+    return value if isinstance(value, type(default)) else default
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -373,6 +395,17 @@ class Resample(Method):
 
     candidates: list[tuple[bool, int]] | None = None  # (mean model included, members) to choose from on select
 
+    @classmethod
+    def wrote(cls, path: Path) -> bool:
+        """A statistics file written by ``--save-stats`` (a rerun replaces it; any other file is kept)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == STATS_FORMAT
+        except (SafetensorError, OSError, ValueError):
+            return False
+
     def fit_budget(self, parents: list[nn.Module], budget: float, given: set[str]) -> list[str]:
         """Every member is a full network: under 2x the mean model alone; otherwise the mean model, K draws,
         or the mean and K-1 draws (K the most full networks that fit, at most 8), chosen on the select part."""
@@ -400,7 +433,7 @@ class Resample(Method):
             stats, meta = WelfordStats.load(cfg.stats, device=ctx.device)
             self._check_stats(stats, params, meta, arch, cfg.stats)
             ctx.note("stats_from", str(cfg.stats))
-            ctx.note("finetune", json.loads(meta.get("finetune", "{}")))
+            ctx.note("finetune", _json_field(meta, "finetune", {}))
             ctx.log(f"re-drawing from {cfg.stats} ({stats.count} snapshots); no fine-tuning")
         else:
             clock = Stopwatch()
