@@ -62,8 +62,8 @@ SETTINGS = {
 # s0 (benchmarks/results/sparse_sweep_35ep.md); "default" marks the configuration boost uses without options.
 SPARSE = {
     2: ["--members", "2", "--child-epochs", "2"],
-    4: [],  # the defaults
-    6: ["--members", "4", "--child-epochs", "2"],
+    4: [],  # the defaults: --members 2 --child-epochs 4
+    6: ["--members", "3", "--child-epochs", "3"],
 }
 
 

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--rows", default="all", help="comma-separated methods of the grid, or all")
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="write the markdown table from the results file and stop")
     args = ap.parse_args()
 
     from select_half import run_config, scoring_half, tuning_half
@@ -37,11 +38,14 @@ def main() -> None:
     from posthoc.calibration import with_views
     from posthoc.evaluate import evaluate, headline
 
+    results_file = args.out / "defaults_35ep.json"
+    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.table_only:
+        (args.out / "defaults_35ep.md").write_text(render(saved))
+        return
     parent, scoring, base = scoring_half(args.parent, args.data)
     flip = evaluate(with_views(parent, ("identity", "hflip")), scoring, show_progress=False)
     tuning = tuning_half(parent, args.data)
-    results_file = args.out / "defaults_35ep.json"
-    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
     runs = {(r["method"], r["name"]): r for r in saved.get("runs", [])}
     for method in GRID if args.rows == "all" else args.rows.split(","):
         for name, config in GRID[method]:
@@ -62,25 +66,33 @@ def main() -> None:
                 "runs": list(runs.values()),
             }
             results_file.write_text(json.dumps(payload, indent=1) + "\n")
+    text = render(
+        {"parent_spec": args.parent, "parent": headline(base), "parent_flip": headline(flip), "runs": list(runs.values())}
+    )
+    (args.out / "defaults_35ep.md").write_text(text)
+    print(text)
+
+
+def render(payload: dict) -> str:
+    """The markdown table of a results file: each method's configurations, as built and with the image alone."""
+    base, flip = payload["parent"], payload["parent_flip"]
     lines = [
         "| method | configuration | views chosen | top-1 | NLL | top-1 (image alone) | NLL (image alone) | FLOPs (x parent) |",
         "|---|---|---|---:|---:|---:|---:|---:|",
         f"| parent | | identity | {base['top1']:.2f} | {base['nll']:.4f} | | | 1.00 |",
         f"| parent + flip | | identity + hflip | {flip['top1']:.2f} | {flip['nll']:.4f} | | | 2.00 |",
     ]
-    for r in runs.values():
+    for r in payload["runs"]:
         a, n = r["auto"], r["none"]
         lines.append(
             f"| {r['method']} | {r['name']} | {' + '.join(r['views'])} | {a['top1']:.2f} | {a['nll']:.4f} | {n['top1']:.2f} | "
             f"{n['nll']:.4f} | {r['flops_ratio']:.2f} |"
         )
-    text = (
-        f"# Method defaults re-checked on a converged parent (select part)\n\nParent `{Path(args.parent).name}`; tuned on "
+    return (
+        f"# Method defaults re-checked on a converged parent (select part)\n\nParent `{Path(payload['parent_spec']).name}`; tuned on "
         "the first 1,000 images of `val:select`, scored on the other 1,000 (about +-0.5 top-1 and +-0.01 NLL is noise "
         'there). "image alone": the same members with views `none`.\n\n' + "\n".join(lines) + "\n"
     )
-    (args.out / "defaults_35ep.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

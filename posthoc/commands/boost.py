@@ -144,20 +144,7 @@ def boost(
         preprocessing=groups[PreprocessingOptions],
         log=log,
     )
-    ctx = BoostContext(
-        parents=run.models,
-        parent_specs=list(models),
-        data_config=run.data_config,
-        device=run.device,
-        make_train_loader=run.train_loader,
-        make_select_loader=run.select_loader,
-        train_size=len(run.sets[TRAIN]),
-        select_size=len(run.sets[SELECT]),
-        log=log,
-        show_progress=output.progress,
-        temperature_scaling=opts.temperature_scaling,
-        amp=opts.amp,
-    )
+    ctx = _context(run, models, output, opts, log)
     if opts.inference_budget is not None:
         for line in runner.fit_budget(run.models, opts.inference_budget, set(method_values)):
             log(line)
@@ -193,23 +180,7 @@ def boost(
         skipped = skipped_elsewhere + data_mod.skipped_images() - skipped_before
         if run.data.skip_bad_images and skipped:
             (warn or log)(f"skipped {skipped} unreadable image(s) (see the warnings above)")
-        student = None
-        if opts.distill:
-            student = distill_artifact(
-                str(teacher),
-                run.data.data,
-                final,
-                config=DistillConfig(epochs=opts.distill_epochs),
-                train_split=run.data.train_split,
-                val_split=run.data.val_split,
-                temperature_scaling=opts.temperature_scaling,
-                device=groups[LoaderOptions].device,
-                workers=run.workers,
-                overwrite=output.overwrite,
-                progress=output.progress,
-                log=log,
-                command=command,
-            )
+        student = _distill(teacher, final, run, groups, log, command) if opts.distill else None
         return {
             "out": str(teacher),
             "seconds": seconds,
@@ -222,6 +193,44 @@ def boost(
         }
 
     return distributed.on_main(on_rank_zero)
+
+
+def _context(run: Run, models: list[str], output: OutputOptions, opts: BoostOptions, log) -> BoostContext:
+    """What the method may use: the prepared parents, loaders over the training split and the select part."""
+    return BoostContext(
+        parents=run.models,
+        parent_specs=list(models),
+        data_config=run.data_config,
+        device=run.device,
+        make_train_loader=run.train_loader,
+        make_select_loader=run.select_loader,
+        train_size=len(run.sets[TRAIN]),
+        select_size=len(run.sets[SELECT]),
+        log=log,
+        show_progress=output.progress,
+        temperature_scaling=opts.temperature_scaling,
+        amp=opts.amp,
+    )
+
+
+def _distill(teacher: Path, out: Path, run: Run, groups: dict, log, command: str | None) -> dict[str, Any]:
+    """``--distill``: the artifact just written, distilled into one network at ``out`` (:mod:`posthoc.commands.distill`)."""
+    opts, output = groups[BoostOptions], groups[OutputOptions]
+    return distill_artifact(
+        str(teacher),
+        run.data.data,
+        out,
+        config=DistillConfig(epochs=opts.distill_epochs),
+        train_split=run.data.train_split,
+        val_split=run.data.val_split,
+        temperature_scaling=opts.temperature_scaling,
+        device=groups[LoaderOptions].device,
+        workers=run.workers,
+        overwrite=output.overwrite,
+        progress=output.progress,
+        log=log,
+        command=command,
+    )
 
 
 def _method(name: str, models: list[str], values: dict[str, Any], warn) -> Method:
