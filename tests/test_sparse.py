@@ -230,7 +230,12 @@ def test_budget_is_printed_before_training(tmp_path, capsys, resnet_dir, image_d
 
 def test_defaults_are_dense_children_with_the_parent_and_pruning_options_imply_half():
     default = make_config(SparseConfig, {})
-    assert (default.keep, default.children, default.include_parent, default.parent_epochs) == (1.0, 1, True, 4.0)  # parent + one child x 4 epochs (sparse_sweep_35ep.md)
+    assert (default.keep, default.children, default.include_parent, default.parent_epochs) == (
+        1.0,
+        1,
+        True,
+        4.0,
+    )  # parent + one child x 4 epochs (sparse_sweep_35ep.md)
     for given in ({"anneal": "temperature"}, {"partition": 2}, {"structure": "channel"}, {"mask_source": "l1", "partition": 1}):
         assert make_config(SparseConfig, given).keep == 0.5, given
     assert make_config(SparseConfig, {"keep": 0.8, "anneal": "random"}).keep == 0.8  # given: never changed
