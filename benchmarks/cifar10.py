@@ -370,9 +370,9 @@ def plot_pareto(setting: str, records: list[dict], path: Path) -> None:
             ("tab:red", "> 6"),
         )
     ]
-    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=4, fontsize=8)
     fig.suptitle(f"CIFAR-10 report part, {SETTINGS[setting]['title']}", y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
 
 
@@ -396,6 +396,7 @@ def main() -> None:
     ap.add_argument("--rows", default="*", help="comma-separated row keys or shell-style patterns (default: all)")
     ap.add_argument("--redo", action="store_true", help="run rows again that the results already hold")
     ap.add_argument("--dry-run", action="store_true", help="print the rows to run and the expected time, run nothing")
+    ap.add_argument("--tables-only", action="store_true", help="write the tables, plot and verdicts from the JSON, run nothing")
     args = ap.parse_args()
 
     data = prepare_data(args.shared, args.cache)
@@ -420,10 +421,15 @@ def run_setting(setting: str, args, data: Path) -> None:
     results_file = args.out / f"cifar10_resnet18{spec['suffix']}.json"
     previous = {r["key"]: r for r in json.loads(results_file.read_text())} if results_file.exists() else {}
     wanted = [r for r in all_rows if any(fnmatch.fnmatch(r.key, p) for p in patterns) and (args.redo or r.key not in previous)]
+    if args.tables_only:
+        wanted = []
     work = args.cache / "runs" / setting
     work.mkdir(parents=True, exist_ok=True)
     known = [r["parent_epoch_seconds"] for r in previous.values()]
-    epoch_s = known[-1] if args.dry_run and known else (80.0 if args.dry_run else parent_epoch_seconds(parents[0], data))
+    if args.tables_only:
+        epoch_s = known[-1] if known else 0.0
+    else:
+        epoch_s = known[-1] if args.dry_run and known else (80.0 if args.dry_run else parent_epoch_seconds(parents[0], data))
     expected = sum(r.estimate for r in wanted)
     print(
         f"[{setting}] {len(wanted)} rows to run ({len(previous)} kept): about {expected:.0f} parent-epochs of training "

@@ -17,12 +17,15 @@ EPS = 1e-9
 
 
 def _figures(row: Mapping[str, Any]) -> tuple[float, ...] | None:
-    values = tuple(row.get(k) for k in FIGURES)
+    """The four figures of a row; top-1 and NLL read from the row or from its ``metrics`` (a benchmark record)."""
+    metrics = row.get("metrics") or {}
+    values = tuple(row.get(k, metrics.get(k)) for k in FIGURES)
     return None if any(v is None for v in values) else tuple(float(v) for v in values)
 
 
 def dominates(b: Mapping[str, Any], a: Mapping[str, Any]) -> bool:
-    """Whether row ``b`` dominates row ``a`` (rows hold ``parent_epochs``, ``flops_ratio``, ``top1``, ``nll``)."""
+    """Whether row ``b`` dominates row ``a`` (rows hold ``parent_epochs``, ``flops_ratio``, ``top1``, ``nll``, the last
+    two possibly under ``metrics`` as ``cifar10.py``'s records keep them)."""
     fb, fa = _figures(b), _figures(a)
     if fb is None or fa is None:
         return False
@@ -41,6 +44,6 @@ def verdicts(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for a in rows:
         beaters = [b for b in rows if b is not a and dominates(b, a)]
-        beaters.sort(key=lambda b: (b["parent_epochs"], b["flops_ratio"], -b["top1"], b["nll"]))
+        beaters.sort(key=lambda b: (lambda f: (f[0], f[1], -f[2], f[3]))(_figures(b)))
         out[a["key"]] = beaters[0]["key"] if beaters else None
     return out

@@ -92,3 +92,15 @@ def test_domination_rule_on_a_made_up_table():
     }
     assert v.dominates(table[3], table[4]) and not v.dominates(table[0], table[2]) and not v.dominates(table[2], table[0])
     assert not v.dominates(table[6], table[0]) and not v.dominates(table[0], table[6])
+
+
+def test_domination_reads_the_benchmark_records_metrics():
+    """cifar10.py's records keep top-1 and NLL under ``metrics``: the rule must read them there (it once saw
+    no figures in any record and put every row on the front)."""
+    v = _verdict()
+
+    def record(key, pe, flops, top1, nll):
+        return {"key": key, "parent_epochs": pe, "flops_ratio": flops, "metrics": {"top1": top1, "nll": nll, "ece": 1.0}}
+
+    table = [record("calib", 0.07, 2, 85.6, 0.435), record("longer", 4.8, 2, 84.2, 0.445), record("noisy", 1.1, 18, 85.0, 0.432)]
+    assert v.verdicts(table) == {"calib": None, "longer": "calib", "noisy": None}
