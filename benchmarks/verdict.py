@@ -37,6 +37,11 @@ def dominates(b: Mapping[str, Any], a: Mapping[str, Any]) -> bool:
     return no_worse and better
 
 
+def _cheapest_first(row: Mapping[str, Any]) -> tuple[float, ...]:
+    parent_epochs, flops, top1, nll = _figures(row)
+    return parent_epochs, flops, -top1, nll
+
+
 def verdicts(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
     """For every row (by ``key``) the key of the row that dominates it, or ``None`` (the front). Where several
     dominate, the cheapest is named (fewest parent-epochs, then fewest FLOPs, then highest top-1)."""
@@ -44,6 +49,6 @@ def verdicts(rows: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for a in rows:
         beaters = [b for b in rows if b is not a and dominates(b, a)]
-        beaters.sort(key=lambda b: (lambda f: (f[0], f[1], -f[2], f[3]))(_figures(b)))
+        beaters.sort(key=_cheapest_first)
         out[a["key"]] = beaters[0]["key"] if beaters else None
     return out
